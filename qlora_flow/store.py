@@ -1,0 +1,164 @@
+"""The artifact store: one layout for a local directory and for S3/MinIO.
+
+Layout (same keys on every backend):
+    cache/<kind>/<fingerprint>/...   reusable intermediates (validated data, bases, adapters)
+    runs/<run-id>/...                one run's outputs and its manifest.json
+    models/<name>/<alias>.json       aliases such as `production`, moved last
+
+Stages compute on local files. `workdir(key)` gives the local directory to write a result into,
+`commit(key)` makes it visible in the store (a no-op for the local store, an upload for S3),
+and `fetch(key)` returns a local directory holding a stored result (downloading if remote).
+A result counts as present only once its `_COMPLETE` marker exists, so a crash mid-write
+never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+class AliasConflict(RuntimeError):
+    """Another writer moved the alias between our read and our write."""
+
+
+class ArtifactStore(ABC):
+    root: str
+
+    @abstractmethod
+    def uri(self, key: str) -> str: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under prefix (recursive), relative to the store root."""
+
+    @abstractmethod
+    def workdir(self, key: str) -> Path:
+        """Local directory where a stage writes the result that will live at key."""
+
+    @abstractmethod
+    def commit(self, key: str) -> str:
+        """Make workdir(key) visible in the store; write the completion marker last. Returns the URI."""
+
+    @abstractmethod
+    def fetch(self, key: str) -> Path:
+        """Local directory with the complete result stored at key."""
+
+    @abstractmethod
+    def read_alias(self, key: str) -> tuple[dict | None, str | None]:
+        """The alias document and a version token for compare-and-swap (None, None when absent)."""
+
+    @abstractmethod
+    def swap_alias(self, key: str, document: dict, expected_version: str | None) -> None:
+        """Write the alias only if it is still at expected_version (None: only if absent); else AliasConflict."""
+
+    def is_complete(self, key: str) -> bool:
+        return self.exists(f"{key}/{COMPLETE_MARKER}")
+
+    def read_json(self, key: str) -> dict:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, document: dict) -> None:
+        self.write_bytes(key, json.dumps(document, indent=2, sort_keys=True).encode())
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.path = Path(root).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.root = str(self.path)
+
+    def _p(self, key: str) -> Path:
+        return self.path / key
+
+    def uri(self, key: str) -> str:
+        return str(self._p(key))
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._p(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self._p(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # write-then-rename: readers see the old file or the new one, never half of one
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._p(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.exists():
+            return []
+        return sorted(p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def workdir(self, key: str) -> Path:
+        path = self._p(key)
+        marker = path / COMPLETE_MARKER
+        if marker.exists():
+            marker.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, key: str) -> str:
+        (self._p(key) / COMPLETE_MARKER).write_text("ok\n")
+        return self.uri(key)
+
+    def fetch(self, key: str) -> Path:
+        if not self.is_complete(key):
+            raise FileNotFoundError(f"{self.uri(key)} is missing or was never completed")
+        return self._p(key)
+
+    def remove(self, key: str) -> None:
+        shutil.rmtree(self._p(key), ignore_errors=True)
+
+    def read_alias(self, key: str) -> tuple[dict | None, str | None]:
+        path = self._p(key)
+        if not path.exists():
+            return None, None
+        data = path.read_bytes()
+        import hashlib
+
+        return json.loads(data), hashlib.sha256(data).hexdigest()
+
+    def swap_alias(self, key: str, document: dict, expected_version: str | None) -> None:
+        import fcntl
+        import hashlib
+
+        path = self._p(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+            if current != expected_version:
+                raise AliasConflict(f"{self.uri(key)} changed since it was read (expected {expected_version}, found {current})")
+            self.write_json(key, document)
+
+
+def open_store(execution) -> ArtifactStore:
+    """The store named by an ExecutionConfig: a local directory, or s3://bucket/prefix."""
+    if execution.store.startswith("s3://"):
+        from qlora_flow.s3store import S3Store
+
+        return S3Store.from_config(execution.store, execution.s3, cache_dir=execution.local_cache)
+    return LocalStore(execution.store)

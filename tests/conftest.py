@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny random-weight Llama with the real SmolLM2 tokenizer, small chat data, a temp store.
+
+Everything runs offline on the CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "tokenizer"
+
+
+def build_tiny_model_dir(dest: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64) saved in bf16 with the SmolLM2 tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def make_chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic toy chat rows: the answer is a fixed JSON shape derived from the question."""
+    rng = random.Random(seed)
+    names = ["Ada", "Bob", "Cyd", "Dee", "Eve", "Fox", "Gus", "Hal"]
+    rows = []
+    for i in range(n):
+        name, age = rng.choice(names), rng.randint(18, 90)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Record {i}: {name} is {age} years old."},
+                    {"role": "assistant", "content": json.dumps({"name": name, "age": age})},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(40)))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir, chat_jsonl):
+    """A PipelineConfig that runs every stage on the tiny model in a temp store, in seconds."""
+    from qlora_flow.config import load_config
+
+    return load_config(
+        None,
+        {
+            "data.train_path": str(chat_jsonl),
+            "data.eval_fraction": 0.2,
+            "base_model.id": str(tiny_model_dir),
+            "lora.r": 4,
+            "lora.alpha": 8,
+            "training.max_seq_length": 128,
+            "training.max_steps": 6,
+            "training.per_device_batch_size": 4,
+            "training.save_steps": 2,
+            "training.logging_steps": 1,
+            "training.learning_rate": 1e-3,
+            "evaluation.max_generation_samples": 4,
+            "evaluation.max_new_tokens": 16,
+            "evaluation.gate.min_loss_improvement": -100.0,
+            "evaluation.gate.max_regression_vs_production": None,
+            "merge.verify_prompts": 2,
+            "execution.store": str(tmp_path / "store"),
+            "execution.local_cache": str(tmp_path / "cache"),
+            "execution.isolate_gpu_stages": False,
+        },
+    )

@@ -67,6 +67,13 @@ class ArtifactStore(ABC):
     def swap_alias(self, key: str, document: dict, expected_version: str | None) -> None:
         """Write the alias only if it is still at expected_version (None: only if absent); else AliasConflict."""
 
+    def key_of(self, uri: str) -> str:
+        """Inverse of uri(): the store key that a reference's URI names."""
+        prefix = self.uri("").rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not inside the artifact store {self.root}")
+        return uri[len(prefix):].strip("/")
+
     def is_complete(self, key: str) -> bool:
         return self.exists(f"{key}/{COMPLETE_MARKER}")
 

@@ -138,7 +138,7 @@ def chatml_training_template(template: str) -> str | None:
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
         return None
     # Keep the model's own default-system-prompt block verbatim so training renders what inference renders.
-    match = re.search(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", template)
+    match = re.search(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", template, re.DOTALL)
     system_block = match.group(0) if match else ""
     return (
         "{% for message in messages %}" + system_block + "{% if message['role'] == 'assistant' %}"

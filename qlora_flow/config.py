@@ -132,7 +132,17 @@ class S3Settings(_Section):
         "when_supported", description="when_required for S3-compatible servers that reject default CRC32 checksums."
     )
     profile: str | None = None
-    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block to use.")
+    credentials_block: str | None = Field(
+        None,
+        description="Prefect AwsCredentials block (prefect-aws), or a Secret block holding JSON with "
+        "aws_access_key_id / aws_secret_access_key / aws_session_token.",
+    )
+    max_attempts: int = Field(8, ge=1, description="Attempts per request (botocore standard retry mode).")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+    multipart_threshold_mib: int = Field(64, ge=5, description="Files at least this large upload in parts.")
+    multipart_chunksize_mib: int = Field(16, ge=5, description="Part size; S3 requires at least 5 MiB.")
+    max_concurrency: int = Field(8, ge=1, description="Parallel part/file transfers.")
 
 
 class PublishConfig(_Section):

@@ -100,7 +100,14 @@ def load_source_model(base: BaseModelConfig, source: ModelSource, local_dir: str
     """Weights from any source, de-quantized to 16 bits (GGUF files are de-quantized by transformers)."""
     kwargs = {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
     if source.kind == "gguf":
-        return AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.bfloat16)
+        # GGUF de-quantization runs fastest in float32; the 16-bit cast happens after.
+        model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+        model = model.to(torch.bfloat16)
+        # The tensors are already de-quantized; dropping the GGUF marker makes the model a plain 16-bit one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     location = local_dir or source.location
     return AutoModelForCausalLM.from_pretrained(location, dtype=torch.bfloat16, **kwargs)
 

@@ -28,6 +28,7 @@ class ValidatedDataset(_Ref):
 
 class PreparedBase(_Ref):
     model_id: str
+    architecture: str
     full_precision_uri: str = Field(description="16-bit checkpoint, used for merging and as the NF4 source.")
     nf4_uri: str | None = Field(None, description="Serialized NF4 checkpoint, loaded directly by later runs.")
     fingerprint: str

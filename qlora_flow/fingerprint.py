@@ -48,13 +48,19 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def code_version() -> str:
-    """Hash of this project's stage code, so a code change invalidates cached results."""
+def code_version(*modules: str) -> str:
+    """Hash of the source files that produce a result (all project code when none are named).
+
+    Naming the modules keeps an edit to, say, the evaluation stage from invalidating trained adapters.
+    """
     project_root = Path(__file__).resolve().parent.parent
+    if modules:
+        paths = [project_root / (m.replace(".", "/") + ".py") for m in modules]
+    else:
+        paths = [p for package in ("qlora_flow", "tasks") for p in (project_root / package).rglob("*.py")]
     digest = hashlib.sha256()
-    for package in ("qlora_flow", "tasks"):
-        for path in sorted((project_root / package).rglob("*.py")):
-            digest.update(path.relative_to(project_root).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(paths):
+        digest.update(path.relative_to(project_root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

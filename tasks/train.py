@@ -1,0 +1,383 @@
+"""Stage 3: LoRA training on the NF4 base with TRL's SFTTrainer, resumable and content-addressed.
+
+Where things live in the store (fp = training fingerprint):
+    cache/adapter/<fp>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG, trainer state;
+                                                        `_COMPLETE` is written after all of it
+    cache/adapter/<fp>/adapter/                          the final adapter + tokenizer + adapter_ref.json
+
+The fingerprint covers the data, the base model, the LoRA and training settings that change the
+result, and the code and library versions; an identical request returns the stored adapter, and a
+run that died resumes from the newest complete checkpoint.
+
+GPU work runs in a child process (`python -m tasks.train SPEC RESULT`) so that a timeout or a
+cancellation kills it and frees the device, and its log lines stream into the Prefect run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel
+
+from qlora_flow.config import PipelineConfig
+from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
+from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
+
+log = logging.getLogger(__name__)
+
+PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
+# Settings that do not change the trained weights stay out of the fingerprint.
+_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps"}
+
+
+def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
+    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
+    return combine(
+        "adapter", data.fingerprint, base.fingerprint, cfg.lora,
+        training,
+        code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware"),
+        library_versions(),
+    )
+
+
+def adapter_key(fingerprint: str) -> str:
+    return f"cache/adapter/{fingerprint[:24]}"
+
+
+def local_file(store: ArtifactStore, uri: str) -> Path:
+    """A local path for a file inside a committed store directory."""
+    key = store.key_of(uri)
+    parent, _, name = key.rpartition("/")
+    return store.fetch(parent) / name
+
+
+def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+    steps = []
+    for key in store.list(checkpoints_key):
+        match = re.search(r"checkpoint-(\d+)/" + COMPLETE_MARKER + "$", key)
+        if match:
+            steps.append(int(match.group(1)))
+    if not steps:
+        return None
+    step = max(steps)
+    return step, f"{checkpoints_key}/checkpoint-{step}"
+
+
+def _training_template(tokenizer) -> str | None:
+    """A chat template with `{% generation %}` markers, or None when assistant-only masking is impossible."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from qlora_flow.models import chatml_training_template
+
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenizer.chat_template
+    try:
+        return get_training_chat_template(tokenizer) or tokenizer.chat_template
+    except ValueError:
+        return chatml_training_template(tokenizer.chat_template)
+
+
+def _as_prompt_completion(example: dict) -> dict:
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def _gradient_checkpointing(cfg: PipelineConfig, device: str) -> bool:
+    if cfg.training.gradient_checkpointing != "auto":
+        return cfg.training.gradient_checkpointing == "on"
+    # On the CPU memory is plentiful and recomputation only costs time.
+    return device == "cuda"
+
+
+def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
+    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora_flow.hardware import resolve_compute_dtype
+    from qlora_flow.models import load_full_precision_model, load_nf4_model, load_tokenizer
+
+    fingerprint = training_fingerprint(cfg, data, base)
+    key = adapter_key(fingerprint)
+    checkpoints_key = f"{key}/checkpoints"
+    output_dir = store.workdir(checkpoints_key)
+    rank = int(os.environ.get("RANK", "0"))
+
+    device = base.device
+    compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
+    tokenizer = load_tokenizer(store.fetch(store.key_of(base.full_precision_uri)))
+    if base.nf4_uri:
+        model = load_nf4_model(store.fetch(store.key_of(base.nf4_uri)), compute_dtype, device)
+    else:
+        model = load_full_precision_model(store.fetch(store.key_of(base.full_precision_uri)), compute_dtype, device)
+
+    train_ds = datasets.Dataset.from_parquet(str(local_file(store, data.train_uri)))
+    training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
+    assistant_only = training_template is not None
+    if cfg.training.assistant_only_loss and not assistant_only:
+        # No template with generation markers: train on the final assistant turn only (prompt/completion).
+        log.warning("chat template has no assistant markers; computing the loss on the last assistant turn only")
+        train_ds = train_ds.map(_as_prompt_completion, remove_columns=["messages"])
+    original_template = tokenizer.chat_template
+    if assistant_only:
+        tokenizer.chat_template = training_template
+
+    gradient_checkpointing = _gradient_checkpointing(cfg, device)
+    t = cfg.training
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=3,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        max_length=t.max_seq_length,
+        packing=t.packing,
+        assistant_only_loss=assistant_only,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        eval_strategy="no",
+    )
+    peft_config = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+    class CheckpointCommitter(TrainerCallback):
+        """Marks a checkpoint complete only after the trainer wrote all of it, then publishes it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                name = f"checkpoint-{state.global_step}"
+                store.commit(f"{checkpoints_key}/{name}")
+            return control
+
+    class ProgressReporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and state.max_steps:
+                report = {"step": state.global_step, "max_steps": state.max_steps, **(logs or {})}
+                print(PROGRESS_PREFIX + json.dumps(report), flush=True)
+            return control
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[CheckpointCommitter(), ProgressReporter()],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    resume = newest_complete_checkpoint(store, checkpoints_key)
+    resume_dir = None
+    if resume is not None:
+        resume_dir = str(store.fetch(resume[1]))
+        log.info("resuming from complete checkpoint at step %d", resume[0])
+    _remove_incomplete_checkpoints(output_dir)
+
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_dir)
+    seconds = time.perf_counter() - started
+
+    history = [
+        LossPoint(step=entry["step"], loss=entry["loss"], epoch=entry.get("epoch"))
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    resumed_tokens = 0
+    if resume is not None:
+        state_file = Path(resume_dir) / "trainer_state.json"
+        resumed_tokens = int(json.loads(state_file.read_text()).get("num_input_tokens_seen", 0))
+    adapter_out_key = f"{key}/adapter"
+    ref = AdapterRef(
+        uri=store.uri(adapter_out_key),
+        checkpoint_uri=store.uri(checkpoints_key),
+        fingerprint=fingerprint,
+        trainable_parameters=trainable,
+        steps=trainer.state.global_step,
+        loss_history=history,
+        tokens_seen=tokens,
+        train_seconds=round(seconds, 3),
+        tokens_per_second=round((tokens - resumed_tokens) / seconds, 2) if seconds > 0 else 0.0,
+        resumed_from_step=resume[0] if resume else None,
+    )
+    if rank == 0:
+        out = store.workdir(adapter_out_key)
+        trainer.model.save_pretrained(out)
+        tokenizer.chat_template = original_template
+        tokenizer.save_pretrained(out)
+        (out / "adapter_ref.json").write_text(ref.model_dump_json(indent=2))
+        store.commit(adapter_out_key)
+    return ref
+
+
+def _remove_incomplete_checkpoints(output_dir: Path) -> None:
+    """A checkpoint without its marker was cut off mid-write; the trainer must never see it."""
+    for path in output_dir.glob("checkpoint-*"):
+        if path.is_dir() and not (path / COMPLETE_MARKER).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _TrainSpec(BaseModel):
+    config: PipelineConfig
+    data: ValidatedDataset
+    base: PreparedBase
+
+
+def _child_command(cfg: PipelineConfig, base: PreparedBase, spec_path: Path, result_path: Path) -> list[str]:
+    if base.device == "cuda" and cfg.execution.gpus > 1:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={cfg.execution.gpus}", "-m", "tasks.train", str(spec_path), str(result_path),
+        ]  # fmt: skip
+    return [sys.executable, "-m", "tasks.train", str(spec_path), str(result_path)]
+
+
+def run_training_in_child(
+    cfg: PipelineConfig,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_line: Callable[[str], None] = print,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """Train in a child process group: logs stream to on_line; timeout or cancellation kills it."""
+    with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = project_root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.Popen(
+            _child_command(cfg, base, spec_path, result_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group, so killing it takes torchrun workers too
+        )
+        deadline = time.monotonic() + cfg.execution.train_timeout_s
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line.startswith(PROGRESS_PREFIX):
+                    if on_progress:
+                        on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
+                elif line:
+                    on_line(line)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"training exceeded execution.train_timeout_s={cfg.execution.train_timeout_s}")
+            proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"training process exited with code {proc.returncode}; see the log lines above")
+        return AdapterRef.model_validate_json(result_path.read_text())
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def train_adapter(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_line: Callable[[str], None] = print,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """Return the stored adapter for this exact request, or train (resuming if possible) and store it."""
+    key = adapter_key(training_fingerprint(cfg, data, base))
+    if store.is_complete(f"{key}/adapter"):
+        log.info("adapter %s already trained; reusing it", key)
+        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/adapter_ref.json"))
+    if cfg.execution.isolate_gpu_stages:
+        return run_training_in_child(cfg, data, base, on_line, on_progress)
+    return run_training(cfg, store, data, base)
+
+
+def _child_main(spec_path: str, result_path: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
+    ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(result_path).write_text(ref.model_dump_json())
+
+
+def progress_percent(report: dict) -> float:
+    return 100.0 * report["step"] / max(report["max_steps"], 1)
+
+
+def _cache_key(context, parameters) -> str:
+    """Content fingerprint, valid only while the adapter it names is still in the store."""
+    cfg, data, base = parameters["cfg"], parameters["data"], parameters["base"]
+    store = open_store(cfg.execution)
+    key = adapter_key(training_fingerprint(cfg, data, base))
+    if not store.is_complete(f"{key}/adapter"):
+        return f"{key}-pending-{time.time_ns()}"
+    return f"{store.root}/{key}"
+
+
+@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
+def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, key="training-progress", description="LoRA training")
+
+    def on_progress(report: dict) -> None:
+        update_progress_artifact(artifact_id, progress=progress_percent(report))
+        if "loss" in report:
+            logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
+
+    ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
+    update_progress_artifact(artifact_id, progress=100.0)
+    return ref
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])

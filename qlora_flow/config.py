@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -173,23 +173,26 @@ class PipelineConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
-    @field_validator("data")
-    @classmethod
-    def _local_data_exists(cls, data: DataConfig) -> DataConfig:
-        for field_name in ("train_path", "eval_path"):
-            value = getattr(data, field_name)
-            if value and "://" not in value and not Path(value).exists():
-                raise ValueError(
-                    f"data.{field_name}: file {value!r} does not exist (relative paths resolve from "
-                    f"{Path.cwd()}); fix the path or point it at an s3:// URI"
-                )
-        return data
-
     @model_validator(mode="after")
     def _gpu_options_need_gpu_device(self) -> PipelineConfig:
         if self.execution.device == "cpu" and self.quantization.compute_dtype == "float16":
             raise ValueError("quantization.compute_dtype: float16 compute is not supported on the CPU; use float32")
         return self
+
+
+def check_local_inputs(cfg: PipelineConfig) -> None:
+    """Fail early, with the path, when a local data file named by the config is missing.
+
+    Kept out of the model itself so that building a config (e.g. the flow's default parameter)
+    never depends on the current directory.
+    """
+    for field_name in ("train_path", "eval_path"):
+        value = getattr(cfg.data, field_name)
+        if value and "://" not in value and not Path(value).exists():
+            raise ConfigError(
+                f"data.{field_name}: file {value!r} does not exist (relative paths resolve from "
+                f"{Path.cwd()}); fix the path or point it at an s3:// URI"
+            )
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -226,6 +229,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        return PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    check_local_inputs(cfg)
+    return cfg

@@ -83,6 +83,22 @@ class ArtifactStore(ABC):
     def write_json(self, key: str, document: dict) -> None:
         self.write_bytes(key, json.dumps(document, indent=2, sort_keys=True).encode())
 
+    def file_info(self, key: str) -> tuple[int, str]:
+        """Size and hex SHA-256 of one stored object."""
+        import hashlib
+
+        data = self.read_bytes(key)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy one object inside the store."""
+        self.write_bytes(dst_key, self.read_bytes(src_key))
+
+    def download(self, key: str, path: Path) -> None:
+        """Write one stored object to a local file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.read_bytes(key))
+
 
 class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
@@ -138,6 +154,24 @@ class LocalStore(ArtifactStore):
 
     def remove(self, key: str) -> None:
         shutil.rmtree(self._p(key), ignore_errors=True)
+
+    def file_info(self, key: str) -> tuple[int, str]:
+        from qlora_flow.fingerprint import sha256_file
+
+        path = self._p(key)
+        return path.stat().st_size, sha256_file(path)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        target = self._p(dst_key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        shutil.copyfile(self._p(src_key), tmp)
+        os.replace(tmp, target)
+
+    def download(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._p(key), path)
 
     def read_alias(self, key: str) -> tuple[dict | None, str | None]:
         path = self._p(key)

@@ -1,0 +1,326 @@
+"""Publish stage: put one run's model, adapter, reports and a manifest in the store, then move the alias.
+
+Order is what makes a crash at any point safe for consumers:
+  1. copy the adapter, eval and data reports into runs/<run-id>/ (the merged model is there already),
+     verifying each object's size and SHA-256;
+  2. write runs/<run-id>/manifest.json, listing every file with size and SHA-256 plus the lineage;
+  3. only then, and only when the quality gate passed, move models/<name>/<alias>.json and
+     models/<name>/latest.json by compare-and-swap.
+A consumer following an alias therefore always finds a manifest whose files all exist and verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.transactions import transaction
+
+from qlora_flow.config import PipelineConfig
+from qlora_flow.fingerprint import code_version, library_versions
+from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = 1
+MANIFEST_NAME = "manifest.json"
+# fields that legitimately differ when the same run is published again
+_VOLATILE_MANIFEST_FIELDS = ("created_at", "flow_run_id")
+_SECRET_FIELD = re.compile(r"secret|password|token|access_key", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_LATEST_ATTEMPTS = 5
+
+
+class PublishError(RuntimeError):
+    """The run cannot be published as asked."""
+
+
+def run_key(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def alias_key(model_name: str, alias: str) -> str:
+    return f"models/{model_name}/{alias}.json"
+
+
+def redact(value):
+    """Config as JSON with anything credential-like removed (URL user-info, secret-named fields)."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_FIELD.search(k) and v else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub("", value)
+    return value
+
+
+def _tree(store: ArtifactStore, uri: str) -> str:
+    """The directory key a reference points into (its parent when it names a single file)."""
+    key = store.key_of(uri)
+    return str(PurePosixPath(key).parent) if store.list(key) == [key] else key
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + "/")
+
+
+def _plan(
+    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset
+) -> dict[str, str]:
+    """Destination path (relative to the run) -> source key, for every file the run publishes."""
+    model = store.key_of(merged.uri)
+    if not store.is_complete(model):
+        raise PublishError(f"merged model {merged.uri} is missing or was never completed")
+    plan: dict[str, str] = {}
+
+    def add_tree(src: str, part: str, skip: str | None = None) -> None:
+        keys = [k for k in store.list(src) if PurePosixPath(k).name != COMPLETE_MARKER and not (skip and _under(k, skip))]
+        if not keys:
+            raise PublishError(f"nothing stored under {store.uri(src)} for {part}/")
+        for k in keys:
+            plan[f"{part}/{k[len(src) + 1:]}"] = k
+
+    def add_file(uri: str | None, part: str) -> None:
+        if uri and not any(v == store.key_of(uri) for v in plan.values()):
+            key = store.key_of(uri)
+            plan[f"{part}/{PurePosixPath(key).name}"] = key
+
+    add_tree(model, "model")
+    add_tree(_tree(store, adapter.uri), "adapter", skip=store.key_of(adapter.checkpoint_uri))
+    add_tree(_tree(store, report.uri), "eval")
+    add_file(report.samples_uri, "eval")
+    add_file(report.loss_plot_uri, "eval")
+    add_file(data.report_uri, "data-report")
+    if data.quarantine_uri and store.exists(store.key_of(data.quarantine_uri)):
+        add_file(data.quarantine_uri, "data-report")
+    return plan
+
+
+def build_manifest(
+    cfg: PipelineConfig,
+    run_id: str,
+    files: dict[str, tuple[int, str]],
+    *,
+    merged: MergedModel,
+    adapter: AdapterRef,
+    report: EvalReport,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    flow_run_id: str | None,
+) -> dict:
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "run_id": run_id,
+        "model_name": cfg.publish.model_name,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "flow_run_id": flow_run_id,
+        "files": [{"path": p, "size": size, "sha256": sha} for p, (size, sha) in sorted(files.items())],
+        "total_bytes": sum(size for size, _ in files.values()),
+        "metrics": {
+            "base": report.base_metrics,
+            "tuned": report.tuned_metrics,
+            "production": report.production_metrics,
+        },
+        "gate": report.verdict.model_dump(mode="json"),
+        "lineage": {
+            "data": {
+                "fingerprint": data.fingerprint,
+                "source_format": data.source_format,
+                "n_input_rows": data.n_input_rows,
+                "n_train": data.n_train,
+                "n_eval": data.n_eval,
+                "n_rejected": data.n_rejected,
+            },
+            "base_model": {"id": base.model_id, "fingerprint": base.fingerprint, "compute_dtype": base.compute_dtype},
+            "adapter": {"fingerprint": adapter.fingerprint, "steps": adapter.steps, "tokens_seen": adapter.tokens_seen},
+            "merged": {"fingerprint": merged.fingerprint, "dtype": merged.dtype, "verification": merged.verification},
+            "config": redact(cfg.model_dump(mode="json")),
+            "library_versions": library_versions(),
+            "code_version": code_version(),
+        },
+    }
+
+
+def _same_content(a: dict, b: dict) -> bool:
+    def strip(doc: dict) -> dict:
+        return {k: v for k, v in doc.items() if k not in _VOLATILE_MANIFEST_FIELDS}
+
+    return strip(a) == strip(b)
+
+
+def _move_alias(store: ArtifactStore, key: str, document: dict, *, keep_newer: bool) -> bool:
+    """Compare-and-swap the alias to document. True when it points at this run afterwards.
+
+    A named alias (production) is tried once against the version just read: when another
+    publisher wins that race, its choice stands. `latest` retries, but never replaces a
+    document published later than ours.
+    """
+    for _ in range(_LATEST_ATTEMPTS if keep_newer else 1):
+        current, version = store.read_alias(key)
+        if current and current.get("run_id") == document["run_id"]:
+            return True
+        if keep_newer and current and current.get("published_at", "") > document["published_at"]:
+            return False
+        try:
+            store.swap_alias(key, document, version)
+            return True
+        except AliasConflict as exc:
+            log.warning("%s", exc)
+    return False
+
+
+def publish_run(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    *,
+    merged: MergedModel,
+    adapter: AdapterRef,
+    report: EvalReport,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    flow_run_id: str | None = None,
+) -> PublishedModel:
+    run = run_key(run_id)
+    plan = _plan(store, merged, adapter, report, data)
+    sources = {dst: store.file_info(src) for dst, src in plan.items()}
+    manifest = build_manifest(
+        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id
+    )
+    manifest_key = f"{run}/{MANIFEST_NAME}"
+
+    if store.exists(manifest_key):
+        existing = store.read_json(manifest_key)
+        if not _same_content(existing, manifest):
+            raise PublishError(
+                f"{store.uri(manifest_key)} already describes different files or lineage; "
+                f"publish the changed run under a new run id"
+            )
+        manifest = existing
+        log.info("run %s is already published; only checking the aliases", run_id)
+    else:
+        for dst, src in plan.items():
+            target = f"{run}/{dst}"
+            if src != target and (not store.exists(target) or store.file_info(target) != sources[dst]):
+                store.copy(src, target)
+            if store.file_info(target) != sources[dst]:
+                raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
+        for part in sorted({dst.split("/", 1)[0] for dst in plan} - {"model"}):
+            listing = {
+                dst.split("/", 1)[1]: {"size": size, "sha256": sha}
+                for dst, (size, sha) in sources.items()
+                if dst.startswith(part + "/")
+            }
+            store.write_json(f"{run}/{part}/{COMPLETE_MARKER}", {"files": listing})
+        store.write_json(manifest_key, manifest)
+
+    model_uri = store.uri(f"{run}/model")
+    manifest_bytes = store.read_bytes(manifest_key)
+    alias_uri = None
+    if report.verdict.passed:
+        name, alias = cfg.publish.model_name, cfg.publish.alias
+        document = {
+            "run_id": run_id,
+            "model_name": name,
+            "manifest_uri": store.uri(manifest_key),
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "model_uri": model_uri,
+            "published_at": datetime.now(timezone.utc).isoformat(),
+            "metrics": report.tuned_metrics,
+        }
+        if _move_alias(store, alias_key(name, alias), {**document, "alias": alias}, keep_newer=False):
+            alias_uri = store.uri(alias_key(name, alias))
+        if alias != "latest":
+            _move_alias(store, alias_key(name, "latest"), {**document, "alias": "latest"}, keep_newer=True)
+    else:
+        log.warning("run %s failed the quality gate; published without moving %s", run_id, cfg.publish.alias)
+
+    return PublishedModel(
+        run_uri=store.uri(run),
+        manifest_uri=store.uri(manifest_key),
+        model_uri=model_uri,
+        alias_uri=alias_uri,
+        alias_moved=alias_uri is not None,
+        files=len(manifest["files"]),
+        total_bytes=manifest["total_bytes"],
+    )
+
+
+def _announce(cfg: PipelineConfig, run_id: str, published: PublishedModel, report: EvalReport) -> None:
+    name = cfg.publish.model_name
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    create_link_artifact(
+        key=f"model-{slug}",
+        link=published.model_uri,
+        link_text=f"{name} ({run_id})",
+        description=f"Merged model of run {run_id}",
+    )
+    alias_line = (
+        f"`{cfg.publish.alias}` now points to this run" if published.alias_moved else f"`{cfg.publish.alias}` not moved"
+    )
+    metrics = "\n".join(f"| {k} | {report.base_metrics.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in report.tuned_metrics.items())
+    create_markdown_artifact(
+        key=f"published-{slug}",
+        markdown=(
+            f"## {name}: run `{run_id}`\n\n- model: `{published.model_uri}`\n- manifest: `{published.manifest_uri}`\n"
+            f"- {published.files} files, {published.total_bytes} bytes\n- {alias_line}\n\n"
+            f"| metric | base | tuned |\n|---|---|---|\n{metrics}\n"
+        ),
+        description=f"Publication of {name} run {run_id}",
+    )
+    emit_event(
+        event="model.published",
+        resource={"prefect.resource.id": f"qlora-flow.model.{name}", "prefect.resource.name": name},
+        related=[{"prefect.resource.id": f"qlora-flow.run.{run_id}", "prefect.resource.role": "run"}],
+        payload={
+            "model": name,
+            "run_id": run_id,
+            "alias": cfg.publish.alias,
+            "alias_moved": published.alias_moved,
+            "model_uri": published.model_uri,
+            "manifest_uri": published.manifest_uri,
+            "metrics": report.tuned_metrics,
+            "gate_passed": report.verdict.passed,
+        },
+    )
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+def publish_task(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    *,
+    merged: MergedModel,
+    adapter: AdapterRef,
+    report: EvalReport,
+    data: ValidatedDataset,
+    base: PreparedBase,
+) -> PublishedModel:
+    logger = get_run_logger()
+    # keyed on store + run: a second publish of the same run returns the recorded result untouched
+    key = "publish-" + hashlib.sha256(f"{store.uri(run_key(run_id))}|{cfg.publish.model_name}".encode()).hexdigest()[:32]
+    with transaction(key=key, write_on_commit=True) as txn:
+        if txn.is_committed():
+            record = txn.read()
+            if record is not None:
+                logger.info("run %s was already published (transaction %s)", run_id, key)
+                return record.result
+        published = publish_run(
+            cfg, store, run_id, merged=merged, adapter=adapter, report=report, data=data, base=base,
+            flow_run_id=flow_run.get_id(),
+        )
+        txn.stage(published)
+    logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)
+    _announce(cfg, run_id, published, report)
+    return published

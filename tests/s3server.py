@@ -1,0 +1,249 @@
+"""A real S3 API for tests: moto's server in a child process, and a fault-injecting proxy.
+
+The proxy speaks plain HTTP/1.1 on loopback and forwards each request to the server unless a
+rule says otherwise: answer with an S3 error (500, 503 SlowDown, 501 ...), cut the connection
+half-way through a request body, or go dark altogether (every connection closed unanswered,
+as when the server process dies). Going dark at the proxy keeps the server's in-memory state,
+so a test can look at what storage holds after the "crash" and then "restart" the endpoint.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import pytest
+from botocore.config import Config
+
+ACCESS_KEY = "AKIATESTQLORAFLOW000"
+SECRET_KEY = "qlora-flow-test-secret-9f3b2c1d7e6a5b4c"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """moto_server in a child process (a separate interpreter, so it can be killed)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Fault:
+    """What the proxy does with one request instead of forwarding it."""
+
+    status: int = 0  # answer with this HTTP status and S3 error code
+    code: str = ""
+    drop: bool = False  # read half the body, then close the connection unanswered
+
+
+Rule = Callable[[str, str, dict], Fault | None]
+
+
+@dataclass
+class FaultProxy:
+    upstream_port: int
+    port: int = field(default_factory=free_port)
+    rule: Rule | None = None
+    dark: bool = False
+    log: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status or -1 for cut)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output quiet
+                pass
+
+            def _relay(self) -> None:
+                # the proxy already answered any 100-continue itself
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                length = int(headers.get("Content-Length", 0))
+                if proxy.dark:
+                    proxy._record(self.command, self.path, -1)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                fault = proxy.rule(self.command, self.path, headers) if proxy.rule else None
+                if fault and fault.drop:
+                    self.rfile.read(length // 2)
+                    proxy._record(self.command, self.path, -1)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                body = self.rfile.read(length) if length else b""
+                if fault:
+                    payload = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
+                        f"<Message>injected by test proxy</Message></Error>"
+                    ).encode()
+                    proxy._record(self.command, self.path, fault.status)
+                    self.send_response(fault.status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                proxy._record(self.command, self.path, resp.status)
+                self.send_response_only(resp.status, resp.reason)
+                for name, value in resp.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                # HEAD answers carry the object's length but no body
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def _record(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self.log.append((method, path, status))
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def s3_client(endpoint: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(retries={"mode": "standard", "max_attempts": 3}),
+    )
+
+
+def set_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point boto3's standard chain at the fake keys (and away from any real AWS config)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
+@dataclass
+class S3Env:
+    """A running server, a proxy in front of it, and a raw client that bypasses the proxy."""
+
+    server: MotoServer
+    proxy: FaultProxy
+    bucket: str
+
+    @property
+    def raw(self):
+        return s3_client(self.server.url)
+
+    def settings(self, **overrides):
+        from qlora_flow.config import S3Settings
+
+        base = dict(
+            endpoint_url=self.proxy.url,
+            region="us-east-1",
+            multipart_threshold_mib=5,
+            multipart_chunksize_mib=5,
+            max_concurrency=4,
+            max_attempts=4,
+            connect_timeout_s=2,
+            read_timeout_s=10,
+        )
+        return S3Settings(**{**base, **overrides})
+
+    def store(self, cache_dir, prefix: str = "store", **overrides):
+        from qlora_flow.s3store import S3Store
+
+        return S3Store.from_config(f"s3://{self.bucket}/{prefix}", self.settings(**overrides), cache_dir=cache_dir)
+
+    def objects(self, prefix: str = "") -> dict[str, bytes]:
+        client = self.raw
+        out = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+        return out
+
+
+_bucket_counter = iter(range(1_000_000))
+
+
+def make_env(server: MotoServer) -> S3Env:
+    """A fresh bucket and proxy on a shared server; the caller stops the proxy."""
+    bucket = f"qf-test-{next(_bucket_counter)}"
+    s3_client(server.url).create_bucket(Bucket=bucket)
+    return S3Env(server, FaultProxy(server.port).start(), bucket)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3env(moto_server, monkeypatch):
+    set_test_credentials(monkeypatch)
+    env = make_env(moto_server)
+    yield env
+    env.proxy.stop()

@@ -1,0 +1,476 @@
+"""Stage 1: validate the training data and cut it into train/eval splits.
+
+Reads every supported source in chunks, normalises the three data shapes to `messages`,
+enforces the pandera contract (qlora_flow.contracts), drops duplicates and eval leakage, and
+writes `train.parquet`, `eval.parquet`, `quarantine.jsonl` and `report.json` under
+`cache/data/<fingerprint>/`. Every input row ends up in exactly one of train, eval or quarantine.
+
+The fingerprint hashes the normalised rows in sorted order, so the same conversations in another
+file format or order hit the same cache entry. It needs a cheap first pass (read + normalise,
+no tokenising) before the key is known; a cache hit skips the expensive second pass. The
+pass/fail decision is re-derived from report.json on every call, so thresholds can change
+without invalidating the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from qlora_flow import contracts, readers
+from qlora_flow.config import ConfigError, DataConfig, PipelineConfig
+from qlora_flow.contracts import (
+    CHECKS,
+    INPUT_SCHEMAS,
+    SHAPE_COLUMNS,
+    TURNS,
+    DataValidationError,
+    failures,
+    mark_invalid_utf8,
+)
+from qlora_flow.fingerprint import combine
+from qlora_flow.readers import RawRow
+from qlora_flow.refs import ValidatedDataset
+from qlora_flow.store import ArtifactStore, open_store
+
+__all__ = ["DataValidationError", "validate_dataset", "validate_dataset_task"]
+
+CHUNK_ROWS = 50_000
+MAX_EXAMPLES = 5
+_MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_SCHEMA = pa.schema([("messages", _MESSAGES_TYPE)])
+_CODE_FILES = (Path(contracts.__file__), Path(readers.__file__), Path(__file__))
+
+Messages = list[dict]
+Reason = dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Source:
+    split: str  # "train" or "eval": which config field the file came from
+    uri: str
+    path: Path
+    fmt: str
+
+
+@dataclass
+class _Chunk:
+    rows: list[RawRow]
+    messages: list[Messages | None]  # None once a row is rejected
+    reasons: list[list[Reason]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reasons = [[] for _ in self.rows]
+
+    def reject(self, i: int, check: str, field_name: str | None, message: str) -> None:
+        self.reasons[i].append({"check": check, "field": field_name or "", "message": message})
+        self.messages[i] = None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+def _loose(messages: Messages) -> str:
+    """Whitespace- and case-insensitive form of a conversation, for near-duplicates and leakage."""
+    return "\x1e".join(f"{t['role']}\x1f{' '.join(t['content'].lower().split())}" for t in messages)
+
+
+def _got(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------- reading and normalising
+
+
+def _detect_shape(data: DataConfig, chunk: list[RawRow], uri: str) -> str:
+    if data.format != "auto":
+        return data.format
+    columns = {data.column_mapping.get(k, k) for r in chunk if isinstance(r.value, dict) for k in r.value}
+    for shape, required in SHAPE_COLUMNS.items():
+        if set(required) <= columns:
+            return shape
+    if not columns:  # nothing parseable to look at: the rows are quarantined as unparseable
+        return "messages"
+    expected = " | ".join("+".join(cols) for cols in SHAPE_COLUMNS.values())
+    raise readers.file_error(
+        "missing_columns",
+        f"{uri} has columns {sorted(columns)}; expected {expected} (map other names with data.column_mapping)",
+    )
+
+
+def _to_messages(shape: str, row: dict) -> Messages:
+    if shape == "messages":
+        return [{"role": t.get("role"), "content": t.get("content")} for t in row["messages"]]
+    if shape == "prompt_completion":
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    context = row.get("input")
+    prompt = f"{row['instruction']}\n\n{context}" if isinstance(context, str) and context.strip() else row["instruction"]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def _normalise(data: DataConfig, shape: str, rows: list[RawRow]) -> _Chunk:
+    """Parse errors and the shape's input schema, then `messages` for every row that passed."""
+    chunk = _Chunk(rows, [None] * len(rows))
+    source_name = {v: k for k, v in data.column_mapping.items()}
+    schema = INPUT_SCHEMAS[shape]
+    records: dict[int, dict] = {}
+    for i, row in enumerate(rows):
+        if row.error:
+            chunk.reject(i, row.error[0], None, row.error[1])
+        else:
+            records[i] = {data.column_mapping.get(k, k): v for k, v in row.value.items()}
+    cells = [{k: mark_invalid_utf8(v) for k, v in r.items()} for r in records.values()]
+    # every schema column must exist in the frame, or a chunk lacking one would pass unchecked;
+    # object dtype keeps values as read, so a type check sees an int as an int
+    frame = pd.DataFrame(cells, index=list(records), columns=list(schema.columns), dtype=object)
+    for case in failures(schema, frame):
+        column = case.column
+        chunk.reject(case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} (got {_got(case.value)})")
+    for i, record in records.items():
+        if not chunk.reasons[i]:
+            messages = _to_messages(shape, record)
+            if data.system_prompt and messages[0].get("role") != "system":
+                messages.insert(0, {"role": "system", "content": data.system_prompt})
+            chunk.messages[i] = messages
+    return chunk
+
+
+def _check_turns(chunk: _Chunk) -> None:
+    cols: dict[str, list] = {"row": [], "turn": [], "n_turns": [], "role": [], "content": []}
+    for i, messages in enumerate(chunk.messages):
+        for t, turn in enumerate(messages or ()):
+            cols["row"].append(i)
+            cols["turn"].append(t)
+            cols["n_turns"].append(len(messages))
+            cols["role"].append(mark_invalid_utf8(turn["role"]))
+            cols["content"].append(mark_invalid_utf8(turn["content"]))
+    turns = pd.DataFrame({k: pd.Series(v, dtype=object if k in ("role", "content") else "int64") for k, v in cols.items()})
+    for case in failures(TURNS, turns):
+        turn = turns.loc[case.index]
+        where = f"messages[{turn['turn']}]"
+        if case.column:
+            chunk.reject(turn["row"], case.check, f"{where}.{case.column}", f"{CHECKS[case.check]} (got {_got(case.value)})")
+        else:
+            chunk.reject(turn["row"], case.check, f"{where}.role", f"{CHECKS[case.check]} (turn {turn['turn']} is {turn['role']!r})")
+
+
+# ---------------------------------------------------------------- token lengths
+
+
+def _count_tokens(tokenizer, conversations: list[Messages]) -> list[int]:
+    if not conversations:
+        return []
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    # apply_chat_template(tokenize=True) also encodes without extra special tokens: same count
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+
+
+def _truncate(tokenizer, messages: Messages, n_tokens: int, limit: int) -> Messages | None:
+    """Cut the final assistant reply until the rendered chat fits; None if even an empty reply won't."""
+    ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    while n_tokens > limit and ids:
+        ids = ids[: len(ids) - (n_tokens - limit)]
+        # a cut inside a multi-byte character decodes to U+FFFD; drop it with trailing space
+        content = tokenizer.decode(ids).rstrip().rstrip("\ufffd").rstrip()
+        if not content:
+            return None
+        messages = messages[:-1] + [{"role": "assistant", "content": content}]
+        n_tokens = _count_tokens(tokenizer, [messages])[0]
+    return messages if n_tokens <= limit else None
+
+
+def _check_lengths(chunk: _Chunk, tokenizer, cfg: PipelineConfig) -> tuple[int, int]:
+    """Apply the overlength policy; returns (rows truncated, rows dropped by policy)."""
+    limit, policy = cfg.training.max_seq_length, cfg.data.overlength_policy
+    alive = [i for i, m in enumerate(chunk.messages) if m is not None]
+    lengths = pd.DataFrame({"n_tokens": _count_tokens(tokenizer, [chunk.messages[i] for i in alive])}, index=alive, dtype="int64")
+    truncated = dropped = 0
+    for case in failures(contracts.length_schema(limit), lengths):
+        i, n = case.index, int(case.value)
+        if policy == "truncate":
+            fitted = _truncate(tokenizer, chunk.messages[i], n, limit)
+            if fitted is not None:
+                chunk.messages[i] = fitted
+                truncated += 1
+                continue
+            message = f"{n} tokens > max_seq_length {limit}, and cutting the assistant reply cannot make it fit"
+        else:
+            message = f"{n} tokens > max_seq_length {limit} (overlength_policy={policy})"
+            dropped += policy == "drop"
+        chunk.reject(i, "overlength", "messages", message)
+    return truncated, dropped
+
+
+# ---------------------------------------------------------------- sources and fingerprint
+
+
+def _sources(cfg: PipelineConfig, stack: ExitStack) -> list[_Source]:
+    """Local copies of the configured files, eval first: its prompts must be known to check train for leakage."""
+    wanted = [("eval", cfg.data.eval_path)] if cfg.data.eval_path else []
+    sources = []
+    for split, uri in wanted + [("train", cfg.data.train_path)]:
+        path = stack.enter_context(readers.local_copy(uri, cfg.execution.s3, f"{split}_path"))
+        sources.append(_Source(split, uri, path, readers.detect_format(path, uri)))
+    return sources
+
+
+def _chunks(cfg: PipelineConfig, source: _Source) -> Iterator[tuple[str, list[RawRow]]]:
+    shape = None
+    for rows in readers.iter_chunks(source.path, source.fmt, source.uri, CHUNK_ROWS):
+        shape = shape or _detect_shape(cfg.data, rows, source.uri)
+        yield shape, rows
+    if shape is None:
+        raise readers.file_error("empty_file", f"data.{source.split}_path {source.uri} holds no rows")
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    if not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template; token lengths of chats cannot be measured")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else _canonical(tokenizer.get_vocab())
+    return combine(hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.chat_template)
+
+
+def _fingerprint(cfg: PipelineConfig, sources: list[_Source], tokenizer) -> tuple[str, str, dict[str, str]]:
+    """(cache key fingerprint, content hash, shape per split): the cheap first pass."""
+    digests: list[bytes] = []
+    shapes = {}
+    for source in sources:
+        for shape, rows in _chunks(cfg, source):
+            shapes[source.split] = shape
+            chunk = _normalise(cfg.data, shape, rows)
+            for row, messages in zip(chunk.rows, chunk.messages):
+                body = messages if messages is not None else row.value
+                digests.append(_digest(source.split + "\x1d" + _canonical(body)))
+    digests.sort()
+    content = hashlib.sha256(b"".join(digests)).hexdigest()
+    split = {"eval_file": True} if cfg.data.eval_path else {"eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.split_seed}
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in _CODE_FILES)).hexdigest()
+    fingerprint = combine(
+        content,
+        split,
+        {"max_seq_length": cfg.training.max_seq_length, "overlength_policy": cfg.data.overlength_policy},
+        _tokenizer_identity(tokenizer),
+        code,
+    )
+    return fingerprint, content, shapes
+
+
+# ---------------------------------------------------------------- the validation pass
+
+
+def _in_eval(prompt_key: bytes, data: DataConfig) -> bool:
+    """Seeded split keyed on the normalised prompt: stable under reordering, and rows sharing a
+    prompt always land on the same side, so the split itself cannot leak eval prompts into train."""
+    h = hashlib.blake2b(prompt_key, digest_size=8, key=str(data.split_seed).encode()).digest()
+    return int.from_bytes(h, "big") / 2**64 < data.eval_fraction
+
+
+def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], tokenizer) -> dict:
+    counts: Counter[str] = Counter()
+    totals = Counter()
+    examples: list[dict] = []
+    eval_prompts: set[bytes] = set()
+    per_source = []
+    with ExitStack() as stack:
+        writers = {s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")}
+        quarantine = stack.enter_context(open(workdir / "quarantine.jsonl", "w", encoding="utf-8"))
+        for source in sources:
+            seen_exact: set[bytes] = set()
+            seen_loose: set[bytes] = set()
+            n_rows = 0
+            shape = ""
+            for shape, rows in _chunks(cfg, source):
+                n_rows += len(rows)
+                chunk = _normalise(cfg.data, shape, rows)
+                _check_turns(chunk)
+                truncated, dropped = _check_lengths(chunk, tokenizer, cfg)
+                totals["truncated"] += truncated
+                totals["dropped"] += dropped
+                out: dict[str, list] = {"train": [], "eval": []}
+                for i, messages in enumerate(chunk.messages):
+                    if messages is None:
+                        continue
+                    exact, loose = _digest(_canonical(messages)), _digest(_loose(messages))
+                    prompt = _digest(_loose(messages[:-1]))
+                    if exact in seen_exact:
+                        chunk.reject(i, "duplicate", "messages", "exact duplicate of an earlier row")
+                    elif loose in seen_loose:
+                        chunk.reject(i, "near_duplicate", "messages", CHECKS["near_duplicate"])
+                    if source.split == "train" and prompt in eval_prompts:
+                        chunk.reject(i, "leakage", "messages", f"prompt also appears in {cfg.data.eval_path}")
+                    if chunk.messages[i] is None:
+                        continue
+                    seen_exact.add(exact)
+                    seen_loose.add(loose)
+                    if source.split == "eval":
+                        eval_prompts.add(prompt)
+                        out["eval"].append(messages)
+                    else:
+                        out["eval" if not cfg.data.eval_path and _in_eval(prompt, cfg.data) else "train"].append(messages)
+                for split, kept in out.items():
+                    if kept:
+                        writers[split].write_table(pa.Table.from_pydict({"messages": kept}, schema=_SCHEMA))
+                    totals[split] += len(kept)
+                for row, reasons in zip(chunk.rows, chunk.reasons):
+                    if not reasons:
+                        continue
+                    totals["rejected"] += 1
+                    counts.update({r["check"] for r in reasons})
+                    entry = {"file": source.uri, "split": source.split, "row": row.number, "raw": row.value, "reasons": reasons}
+                    quarantine.write(_canonical(entry) + "\n")
+                    if len(examples) < MAX_EXAMPLES:
+                        examples.append({"file": source.uri, "row": row.number, **reasons[0]})
+            totals["input"] += n_rows
+            per_source.append({"file": source.uri, "split": source.split, "format": source.fmt, "shape": shape, "rows": n_rows})
+    # the "nothing lost" invariant: every input row is in exactly one of train, eval, quarantine
+    assert totals["train"] + totals["eval"] + totals["rejected"] == totals["input"], totals
+    return {
+        "sources": per_source,
+        "n_input_rows": totals["input"],
+        "n_train": totals["train"],
+        "n_eval": totals["eval"],
+        "n_rejected": totals["rejected"],
+        "n_dropped_by_policy": totals["dropped"],
+        "n_truncated": totals["truncated"],
+        "checks": dict(sorted(counts.items())),
+        "examples": examples,
+        "row_numbers": "1-based line number for JSONL, record number for other formats",
+    }
+
+
+# ---------------------------------------------------------------- decision
+
+
+def _enforce(report: dict, data: DataConfig) -> None:
+    """Raise DataValidationError when the report breaks the thresholds of the current config."""
+    n_input, n_rejected = report["n_input_rows"], report["n_rejected"]
+    # rows dropped by overlength_policy=drop are removed on purpose, not counted as bad data
+    counted = n_rejected - report["n_dropped_by_policy"]
+    problems = []
+    if counted / n_input > data.max_rejected_fraction:
+        problems.append(
+            f"{counted} of {n_input} rows rejected ({counted / n_input:.2%} > max_rejected_fraction "
+            f"{data.max_rejected_fraction:.2%}) [rejected_fraction]"
+        )
+    if report["n_train"] < data.min_train_rows:
+        problems.append(f"train split has {report['n_train']} rows, data.min_train_rows is {data.min_train_rows} [min_rows]")
+    if report["n_eval"] < data.min_eval_rows:
+        problems.append(f"eval split has {report['n_eval']} rows, data.min_eval_rows is {data.min_eval_rows} [min_rows]")
+    if not problems:
+        return
+    lines = ["dataset validation failed:", *(f"  {p}" for p in problems)]
+    if report["checks"]:
+        lines.append("rejected rows per check:")
+        lines += [f"  {check}: {n} ({CHECKS[check]})" for check, n in report["checks"].items()]
+        lines.append(f"first {len(report['examples'])} offending rows:")
+        lines += [f"  {e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}" for e in report["examples"]]
+    lines.append(f"quarantine: {report['quarantine_uri']}  report: {report['report_uri']}")
+    checks = dict(report["checks"])
+    if "[rejected_fraction]" in problems[0]:
+        checks["rejected_fraction"] = counted
+    if any("[min_rows]" in p for p in problems):
+        checks["min_rows"] = 1
+    raise DataValidationError("\n".join(lines), checks, report)
+
+
+def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> ValidatedDataset:
+    with ExitStack() as stack:
+        sources = _sources(cfg, stack)
+        fingerprint, content, shapes = _fingerprint(cfg, sources, tokenizer)
+        key = f"cache/data/{fingerprint}"
+        if not store.is_complete(key):
+            workdir = store.workdir(key)
+            report = _validate_into(workdir, cfg, sources, tokenizer)
+            report |= {
+                "fingerprint": fingerprint,
+                "content_hash": content,
+                "shapes": shapes,
+                "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
+                "report_uri": store.uri(f"{key}/report.json"),
+            }
+            (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+            # committed even when the run is about to fail: the quarantine must survive the failure
+            store.commit(key)
+    report = store.read_json(f"{key}/report.json")
+    _enforce(report, cfg.data)
+    return ValidatedDataset(
+        train_uri=store.uri(f"{key}/train.parquet"),
+        eval_uri=store.uri(f"{key}/eval.parquet"),
+        quarantine_uri=report["quarantine_uri"] if report["n_rejected"] else None,
+        report_uri=report["report_uri"],
+        n_input_rows=report["n_input_rows"],
+        n_train=report["n_train"],
+        n_eval=report["n_eval"],
+        n_rejected=report["n_rejected"],
+        # from this call's files: a cache hit may come from the same rows in another format
+        source_format=sources[-1].fmt,
+        fingerprint=fingerprint,
+    )
+
+
+# ---------------------------------------------------------------- Prefect wrapper
+
+
+def _publish(report: dict) -> None:
+    from prefect.artifacts import create_table_artifact
+    from prefect.events import emit_event
+
+    rows = [{"check": c, "rows": n, "meaning": CHECKS[c]} for c, n in report["checks"].items()]
+    create_table_artifact(
+        table=rows or [{"check": "-", "rows": 0, "meaning": "no rows rejected"}],
+        key="data-validation",
+        description=(
+            f"{report['n_input_rows']} rows in, {report['n_train']} train, {report['n_eval']} eval, "
+            f"{report['n_rejected']} quarantined ({report['n_truncated']} truncated). Report: {report['report_uri']}"
+        ),
+    )
+    if report["n_rejected"]:
+        emit_event(
+            event="data.rejected",
+            resource={"prefect.resource.id": f"qlora-flow.dataset.{report['fingerprint']}"},
+            payload={
+                "n_rejected": report["n_rejected"],
+                "n_input_rows": report["n_input_rows"],
+                "checks": report["checks"],
+                "quarantine_uri": report["quarantine_uri"],
+            },
+        )
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (S3, disk), never a data or config verdict: those would fail again."""
+    return not isinstance(state.result(raise_on_failure=False), (DataValidationError, ConfigError))
+
+
+@task(name="validate-dataset", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def validate_dataset_task(cfg: PipelineConfig) -> ValidatedDataset:
+    """Prefect wrapper; caching lives in the artifact store, keyed by the content fingerprint."""
+    from qlora_flow.models import load_tokenizer_for
+
+    store = open_store(cfg.execution)
+    try:
+        result = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
+    except DataValidationError as exc:
+        if exc.report is not None:
+            _publish(exc.report)
+        raise
+    _publish(store.read_json(store.key_of(result.report_uri)))
+    return result

@@ -151,6 +151,13 @@ def build_manifest(
     }
 
 
+def _info_or_none(store: ArtifactStore, key: str) -> tuple[int, str] | None:
+    try:
+        return store.file_info(key)
+    except FileNotFoundError:
+        return None
+
+
 def _same_content(a: dict, b: dict) -> bool:
     def strip(doc: dict) -> dict:
         return {k: v for k, v in doc.items() if k not in _VOLATILE_MANIFEST_FIELDS}
@@ -211,10 +218,12 @@ def publish_run(
     else:
         for dst, src in plan.items():
             target = f"{run}/{dst}"
-            if src != target and (not store.exists(target) or store.file_info(target) != sources[dst]):
+            if src == target:  # the merged model, verified when the merge stage committed it
+                continue
+            if _info_or_none(store, target) != sources[dst]:  # skips copies a crashed attempt finished
                 store.copy(src, target)
-            if store.file_info(target) != sources[dst]:
-                raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
+                if _info_or_none(store, target) != sources[dst]:
+                    raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
         for part in sorted({dst.split("/", 1)[0] for dst in plan} - {"model"}):
             listing = {
                 dst.split("/", 1)[1]: {"size": size, "sha256": sha}

@@ -10,6 +10,7 @@ so a test can look at what storage holds after the "crash" and then "restart" th
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -247,3 +248,112 @@ def s3env(moto_server, monkeypatch):
     env = make_env(moto_server)
     yield env
     env.proxy.stop()
+
+
+@dataclass
+class StagedRun:
+    """Fake stage outputs of one run, committed to a store like the real stages would."""
+
+    run_id: str
+    refs: dict  # keyword arguments of publish_run: merged, adapter, report, data, base
+    model_files: dict[str, bytes]
+
+
+def stage_run(store, run_id: str, *, seed: int = 0, passed: bool = True, model_mib: int = 1) -> StagedRun:
+    import random
+
+    from qlora_flow.refs import (
+        AdapterRef,
+        EvalReport,
+        GateVerdict,
+        LossPoint,
+        MergedModel,
+        PreparedBase,
+        ValidatedDataset,
+    )
+
+    rng = random.Random(f"{run_id}-{seed}")
+    model_files = {
+        "model.safetensors": rng.randbytes(model_mib << 20),
+        "config.json": json.dumps({"run": run_id, "hidden_size": 64}).encode(),
+        "tokenizer.json": rng.randbytes(2048),
+        "chat_template.jinja": b"{{ messages }}",
+    }
+
+    def commit(key: str, files: dict[str, bytes]) -> str:
+        work = store.workdir(key)
+        for rel, data in files.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_bytes(data)
+        return store.commit(key)
+
+    model_uri = commit(f"runs/{run_id}/model", model_files)
+    adapter_fp = f"adapter-{run_id}-{seed}"
+    commit(
+        f"cache/adapter/{adapter_fp}",
+        {
+            "adapter/adapter_model.safetensors": rng.randbytes(4096),
+            "adapter/adapter_config.json": b'{"r": 4}',
+            "checkpoints/checkpoint-2/optimizer.pt": rng.randbytes(1024),
+        },
+    )
+    data_fp = f"data-{seed}"
+    commit(
+        f"cache/data/{data_fp}",
+        {
+            "train.jsonl": b'{"messages": []}\n',
+            "eval.jsonl": b'{"messages": []}\n',
+            "report.json": b'{"rows": 40}',
+            "quarantine.jsonl": b'{"row": 3, "reason": "empty"}\n',
+        },
+    )
+    eval_uri = commit(
+        f"runs/{run_id}/eval",
+        {"report.json": json.dumps({"passed": passed}).encode(), "samples.jsonl": b'{"prompt": "p"}\n'},
+    )
+    cache = store.uri(f"cache/data/{data_fp}")
+    refs = dict(
+        merged=MergedModel(uri=model_uri, fingerprint=f"merged-{run_id}", dtype="bfloat16", verification={"top1": 1.0}),
+        adapter=AdapterRef(
+            uri=store.uri(f"cache/adapter/{adapter_fp}/adapter"),
+            checkpoint_uri=store.uri(f"cache/adapter/{adapter_fp}/checkpoints"),
+            fingerprint=adapter_fp,
+            trainable_parameters=1000,
+            steps=6,
+            loss_history=[LossPoint(step=1, loss=2.0), LossPoint(step=6, loss=1.0)],
+            tokens_seen=4096,
+            train_seconds=1.5,
+            tokens_per_second=2730.0,
+        ),
+        report=EvalReport(
+            uri=f"{eval_uri}/report.json",
+            base_metrics={"eval_loss": 2.0, "exact_match": 0.1},
+            tuned_metrics={"eval_loss": 1.0, "exact_match": 0.5 + seed / 100},
+            samples_uri=f"{eval_uri}/samples.jsonl",
+            verdict=GateVerdict(passed=passed, reasons=["loss improved"] if passed else ["exact match regressed"]),
+        ),
+        data=ValidatedDataset(
+            train_uri=f"{cache}/train.jsonl",
+            eval_uri=f"{cache}/eval.jsonl",
+            quarantine_uri=f"{cache}/quarantine.jsonl",
+            report_uri=f"{cache}/report.json",
+            n_input_rows=41,
+            n_train=32,
+            n_eval=8,
+            n_rejected=1,
+            source_format="messages",
+            fingerprint=data_fp,
+        ),
+        base=PreparedBase(
+            model_id="tiny-llama",
+            architecture="LlamaForCausalLM",
+            full_precision_uri=store.uri("cache/base/b1/fp16"),
+            fingerprint="base-fp",
+            compute_dtype="float32",
+            device="cpu",
+            parameters=123,
+            footprint_bytes_16bit=246,
+            load_seconds=0.1,
+        ),
+    )
+    return StagedRun(run_id, refs, model_files)

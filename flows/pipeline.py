@@ -1,0 +1,84 @@
+"""The QLoRA pipeline flow: it wires the six stages together and decides; the work happens in tasks/."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed
+from pydantic import BaseModel
+
+from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from tasks.evaluate import evaluate_task
+from tasks.merge import merge_task
+from tasks.prepare_base import prepare_base_model_task
+from tasks.publish import publish_task
+from tasks.train import train_adapter_task
+from tasks.validate import validate_dataset_task
+
+
+class PipelineResult(BaseModel):
+    run_id: str
+    status: Literal["published", "merged", "rejected"]
+    message: str
+    data: ValidatedDataset
+    base: PreparedBase
+    adapter: AdapterRef
+    report: EvalReport
+    merged: MergedModel | None = None
+    published: PublishedModel | None = None
+
+
+def _flow_run_name() -> str:
+    config = flow_run.parameters.get("config")
+    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+    data_name = Path(cfg.data.train_path).stem
+    return f"{cfg.publish.model_name} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+
+
+def _run_id(cfg: PipelineConfig) -> str:
+    if cfg.execution.run_name:
+        return cfg.execution.run_name
+    suffix = (flow_run.get_id() or "local")[:8]
+    return f"{cfg.publish.model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{suffix}"
+
+
+@flow(name="qlora-finetune", flow_run_name=_flow_run_name, log_prints=True)
+def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
+    """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
+    logger = get_run_logger()
+    check_local_inputs(config)
+    run_id = _run_id(config)
+    logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)
+
+    # Data validation and base preparation do not depend on each other.
+    data_future = validate_dataset_task.submit(config)
+    base_future = prepare_base_model_task.submit(config)
+    data, base = data_future.result(), base_future.result()
+
+    adapter = train_adapter_task(config, data, base)
+    report = evaluate_task(config, run_id, data, base, adapter)
+    result = PipelineResult(
+        run_id=run_id, status="rejected", message="", data=data, base=base, adapter=adapter, report=report
+    )
+    if not report.verdict.passed:
+        result.message = "quality gate failed: " + "; ".join(report.verdict.reasons)
+        logger.warning(result.message)
+        # A rejection is an outcome, not a crash: the run completes under its own state name.
+        return Completed(name="Rejected", message=result.message, data=result)
+
+    result.merged = merge_task(config, run_id, base, adapter, report, data)
+    if not config.publish.enabled:
+        result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
+        return result
+    result.published = publish_task(
+        config, run_id, merged=result.merged, adapter=adapter, report=report, data=data, base=base
+    )
+    result.status = "published"
+    result.message = f"published {config.publish.model_name} run {run_id}: {result.published.manifest_uri}"
+    logger.info(result.message)
+    return result

@@ -5,17 +5,20 @@ enforces the pandera contract (qlora_flow.contracts), drops duplicates and eval 
 writes `train.parquet`, `eval.parquet`, `quarantine.jsonl` and `report.json` under
 `cache/data/<fingerprint>/`. Every input row ends up in exactly one of train, eval or quarantine.
 
-The fingerprint hashes the normalised rows in sorted order, so the same conversations in another
-file format or order hit the same cache entry. It needs a cheap first pass (read + normalise,
-no tokenising) before the key is known; a cache hit skips the expensive second pass. The
-pass/fail decision is re-derived from report.json on every call, so thresholds can change
-without invalidating the cache.
+The fingerprint hashes every normalised row in sorted order (plus the settings that shape the
+outputs), so the same conversations in another file format or order land on the same cache
+entry. It is known only after the pass, so the pass writes into a staging directory; a small
+pointer `cache/data-sources/<hash of the source bytes>.json` lets an unchanged file skip the
+pass entirely. Pass/fail is re-derived from report.json on every call, so thresholds can change
+without invalidating the cache. A cache hit reports the files of the run that produced it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -39,7 +42,7 @@ from qlora_flow.contracts import (
     failures,
     mark_invalid_utf8,
 )
-from qlora_flow.fingerprint import combine
+from qlora_flow.fingerprint import combine, hash_tree, sha256_file
 from qlora_flow.readers import RawRow
 from qlora_flow.refs import ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
@@ -51,6 +54,7 @@ MAX_EXAMPLES = 5
 _MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _SCHEMA = pa.schema([("messages", _MESSAGES_TYPE)])
 _CODE_FILES = (Path(contracts.__file__), Path(readers.__file__), Path(__file__))
+_OUTPUTS = ("train.parquet", "eval.parquet", "quarantine.jsonl")
 
 Messages = list[dict]
 Reason = dict[str, str]
@@ -248,29 +252,19 @@ def _tokenizer_identity(tokenizer) -> str:
     return combine(hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.chat_template)
 
 
-def _fingerprint(cfg: PipelineConfig, sources: list[_Source], tokenizer) -> tuple[str, str, dict[str, str]]:
-    """(cache key fingerprint, content hash, shape per split): the cheap first pass."""
-    digests: list[bytes] = []
-    shapes = {}
-    for source in sources:
-        for shape, rows in _chunks(cfg, source):
-            shapes[source.split] = shape
-            chunk = _normalise(cfg.data, shape, rows)
-            for row, messages in zip(chunk.rows, chunk.messages):
-                body = messages if messages is not None else row.value
-                digests.append(_digest(source.split + "\x1d" + _canonical(body)))
-    digests.sort()
-    content = hashlib.sha256(b"".join(digests)).hexdigest()
+def _settings(cfg: PipelineConfig, tokenizer) -> str:
+    """Everything besides the rows that shapes the outputs; thresholds are left out on purpose."""
     split = {"eval_file": True} if cfg.data.eval_path else {"eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.split_seed}
     code = hashlib.sha256(b"".join(p.read_bytes() for p in _CODE_FILES)).hexdigest()
-    fingerprint = combine(
-        content,
-        split,
-        {"max_seq_length": cfg.training.max_seq_length, "overlength_policy": cfg.data.overlength_policy},
-        _tokenizer_identity(tokenizer),
-        code,
-    )
-    return fingerprint, content, shapes
+    lengths = {"max_seq_length": cfg.training.max_seq_length, "overlength_policy": cfg.data.overlength_policy}
+    return combine(split, lengths, _tokenizer_identity(tokenizer), code)
+
+
+def _source_key(cfg: PipelineConfig, sources: list[_Source], settings: str) -> str:
+    """Pointer from the exact source bytes (and the config reading them) to the content fingerprint."""
+    files = [(s.split, hash_tree(s.path) if s.path.is_dir() else sha256_file(s.path)) for s in sources]
+    reading = cfg.data.model_dump(include={"format", "column_mapping", "system_prompt"})
+    return f"cache/data-sources/{combine(files, reading, settings)}.json"
 
 
 # ---------------------------------------------------------------- the validation pass
@@ -289,6 +283,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
     examples: list[dict] = []
     eval_prompts: set[bytes] = set()
     per_source = []
+    digests: list[bytes] = []  # one per input row, for the order-independent content hash
     with ExitStack() as stack:
         writers = {s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")}
         quarantine = stack.enter_context(open(workdir / "quarantine.jsonl", "w", encoding="utf-8"))
@@ -300,6 +295,10 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
             for shape, rows in _chunks(cfg, source):
                 n_rows += len(rows)
                 chunk = _normalise(cfg.data, shape, rows)
+                digests += [
+                    _digest(source.split + "\x1d" + _canonical(m if m is not None else r.value))
+                    for r, m in zip(chunk.rows, chunk.messages)
+                ]
                 _check_turns(chunk)
                 truncated, dropped = _check_lengths(chunk, tokenizer, cfg)
                 totals["truncated"] += truncated
@@ -342,7 +341,10 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
             per_source.append({"file": source.uri, "split": source.split, "format": source.fmt, "shape": shape, "rows": n_rows})
     # the "nothing lost" invariant: every input row is in exactly one of train, eval, quarantine
     assert totals["train"] + totals["eval"] + totals["rejected"] == totals["input"], totals
+    digests.sort()
     return {
+        "content_hash": hashlib.sha256(b"".join(digests)).hexdigest(),
+        "shapes": {s["split"]: s["shape"] for s in per_source},
         "sources": per_source,
         "n_input_rows": totals["input"],
         "n_train": totals["train"],
@@ -394,21 +396,30 @@ def _enforce(report: dict, data: DataConfig) -> None:
 def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> ValidatedDataset:
     with ExitStack() as stack:
         sources = _sources(cfg, stack)
-        fingerprint, content, shapes = _fingerprint(cfg, sources, tokenizer)
-        key = f"cache/data/{fingerprint}"
-        if not store.is_complete(key):
-            workdir = store.workdir(key)
-            report = _validate_into(workdir, cfg, sources, tokenizer)
-            report |= {
-                "fingerprint": fingerprint,
-                "content_hash": content,
-                "shapes": shapes,
-                "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
-                "report_uri": store.uri(f"{key}/report.json"),
-            }
-            (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-            # committed even when the run is about to fail: the quarantine must survive the failure
-            store.commit(key)
+        settings = _settings(cfg, tokenizer)
+        source_key = _source_key(cfg, sources, settings)
+        fingerprint = store.read_json(source_key)["fingerprint"] if store.exists(source_key) else None
+        if fingerprint is None or not store.is_complete(f"cache/data/{fingerprint}"):
+            # the fingerprint hashes every normalised row, so it is known only after the pass:
+            # validate into a staging directory, then move the result under its key
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-flow-validate-")))
+            report = _validate_into(staging, cfg, sources, tokenizer)
+            fingerprint = combine(report["content_hash"], settings)
+            key = f"cache/data/{fingerprint}"
+            if not store.is_complete(key):  # same rows from another file or format: already done
+                workdir = store.workdir(key)
+                for name in _OUTPUTS:
+                    shutil.move(staging / name, workdir / name)
+                report |= {
+                    "fingerprint": fingerprint,
+                    "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
+                    "report_uri": store.uri(f"{key}/report.json"),
+                }
+                (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+                # committed even when the run is about to fail: the quarantine must survive it
+                store.commit(key)
+            store.write_json(source_key, {"fingerprint": fingerprint})
+    key = f"cache/data/{fingerprint}"
     report = store.read_json(f"{key}/report.json")
     _enforce(report, cfg.data)
     return ValidatedDataset(

@@ -317,9 +317,11 @@ def publish_task(
     base: PreparedBase,
 ) -> PublishedModel:
     logger = get_run_logger()
-    # keyed on store + run: a second publish of the same run returns the recorded result untouched
+    # keyed on store + run: a second publish of the same run returns the recorded result untouched,
+    # unless the manifest has vanished from the store since (then the record is stale and is replaced)
     key = "publish-" + hashlib.sha256(f"{store.uri(run_key(run_id))}|{cfg.publish.model_name}".encode()).hexdigest()[:32]
-    with transaction(key=key, write_on_commit=True) as txn:
+    in_store = store.exists(f"{run_key(run_id)}/{MANIFEST_NAME}")
+    with transaction(key=key, write_on_commit=True, overwrite=not in_store) as txn:
         if txn.is_committed():
             record = txn.read()
             if record is not None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -225,12 +226,9 @@ class S3Env:
         return out
 
 
-_bucket_counter = iter(range(1_000_000))
-
-
 def make_env(server: MotoServer) -> S3Env:
     """A fresh bucket and proxy on a shared server; the caller stops the proxy."""
-    bucket = f"qf-test-{next(_bucket_counter)}"
+    bucket = f"qf-test-{uuid.uuid4().hex[:12]}"  # unique across sessions: Prefect records outlive the server
     s3_client(server.url).create_bucket(Bucket=bucket)
     return S3Env(server, FaultProxy(server.port).start(), bucket)
 

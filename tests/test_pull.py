@@ -1,0 +1,73 @@
+"""pull_model: publish -> pull round trip on S3, and refusal of anything that does not verify."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from s3server import moto_server, s3env, stage_run  # noqa: F401  (fixtures)
+
+from qlora_flow.config import load_config
+from qlora_flow.pull import PullError, pull_model
+from tasks.publish import publish_run
+
+
+@pytest.fixture
+def published(s3env, chat_jsonl, tmp_path):
+    cfg = load_config(None, {"data.train_path": str(chat_jsonl), "publish.model_name": "extractor"})
+    store = s3env.store(tmp_path / "cache")
+    run = stage_run(store, "run-1", model_mib=6)  # 6 MiB: downloaded in parts too
+    publish_run(cfg, store, "run-1", **run.refs)
+    return run
+
+
+def _pull(s3env, dest, alias="production"):
+    return pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, dest, s3=s3env.settings())
+
+
+def test_round_trip_is_byte_identical(s3env, published, tmp_path):
+    dest = _pull(s3env, tmp_path / "models/extractor")
+
+    assert dest == (tmp_path / "models/extractor").resolve()
+    files = {p.name: p.read_bytes() for p in dest.iterdir()}
+    manifest = json.loads(files.pop("manifest.json"))
+    assert files == published.model_files
+    assert manifest["run_id"] == "run-1"
+    assert [p.name for p in dest.parent.iterdir()] == ["extractor"]  # no staging leftovers
+    # pulling again into the same place is a no-op; the latest alias resolves to the same run
+    assert _pull(s3env, dest) == dest
+    assert _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
+
+
+def test_flipped_byte_in_storage_is_refused_and_nothing_exposed(s3env, published, tmp_path):
+    key = "store/runs/run-1/model/model.safetensors"
+    data = bytearray(s3env.raw.get_object(Bucket=s3env.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    s3env.raw.put_object(Bucket=s3env.bucket, Key=key, Body=bytes(data))
+
+    dest = tmp_path / "models/extractor"
+    with pytest.raises(PullError, match=r"model/model\.safetensors of extractor:production \(run run-1\) failed verification"):
+        _pull(s3env, dest)
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_tampered_manifest_is_refused(s3env, published, tmp_path):
+    key = "store/runs/run-1/manifest.json"
+    manifest = json.loads(s3env.raw.get_object(Bucket=s3env.bucket, Key=key)["Body"].read())
+    manifest["files"][0]["sha256"] = "0" * 64
+    s3env.raw.put_object(Bucket=s3env.bucket, Key=key, Body=json.dumps(manifest).encode())
+    with pytest.raises(PullError, match="does not match the checksum recorded"):
+        _pull(s3env, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_alias_and_occupied_destination(s3env, published, tmp_path):
+    with pytest.raises(PullError, match="nothing is published as extractor:staging"):
+        _pull(s3env, tmp_path / "m", alias="staging")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(PullError, match="already exists"):
+        _pull(s3env, occupied)
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]

@@ -160,6 +160,22 @@ class ExecutionConfig(_Section):
     isolate_gpu_stages: bool = Field(True, description="Run training in a child process (frees memory, cancellable).")
     train_timeout_s: int = Field(6 * 3600, ge=1)
     run_name: str | None = None
+    runner: Literal["local", "ray"] = Field(
+        "local", description="Where GPU stages of multi-training flows run: this host's GPUs, or a Ray cluster."
+    )
+    host_gpus: int | None = Field(
+        None, ge=0, description="GPUs this host shares between GPU tasks; None detects them (env QLORA_FLOW_GPUS wins)."
+    )
+    ray_address: str | None = Field(None, description="Ray cluster address (ray://head:10001); None starts a local Ray.")
+    ray_gpu_resource: str = Field(
+        "GPU", description="Ray resource a GPU task requests: GPU (num_gpus) or a custom resource name."
+    )
+
+
+class ScheduleConfig(_Section):
+    cron: str = Field("0 3 * * *", description="When the scheduled retraining deployment runs.")
+    timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
+    active: bool = True
 
 
 class PipelineConfig(_Section):
@@ -172,6 +188,7 @@ class PipelineConfig(_Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
     def _gpu_options_need_gpu_device(self) -> PipelineConfig:

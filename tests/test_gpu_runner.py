@@ -1,0 +1,77 @@
+"""GpuTaskRunner on a CPU box with a faked GPU count: each GPU task gets its own GPUs, never shared."""
+
+from __future__ import annotations
+
+import os
+import time
+from itertools import combinations
+
+import pytest
+from prefect import flow, task
+
+from qlora_flow.config import PipelineConfig
+from qlora_flow.gpu_runner import GPU_COUNT_ENV, GpuTaskRunner, gpu_lease, gpus_needed, host_gpu_count
+
+
+@task(tags=["gpu"])
+def hold_gpu(seconds: float) -> tuple[str, float, float]:
+    started = time.time()
+    time.sleep(seconds)
+    return os.environ["CUDA_VISIBLE_DEVICES"], started, time.time()
+
+
+@task
+def cpu_only() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+
+
+@flow(task_runner=GpuTaskRunner(gpus=2, host="test-host"))
+def four_on_two() -> tuple[list[tuple[str, float, float]], str]:
+    futures = [hold_gpu.submit(2.0) for _ in range(4)]
+    cpu = cpu_only.submit()
+    return [f.result() for f in futures], cpu.result()
+
+
+def test_gpu_tasks_get_distinct_gpus_and_never_overlap():
+    runs, cpu_devices = four_on_two()
+    assert {devices for devices, _, _ in runs} <= {"0", "1"}
+    for (d1, s1, e1), (d2, s2, e2) in combinations(runs, 2):
+        if d1 == d2:
+            assert e1 <= s2 or e2 <= s1, f"two tasks shared GPU {d1} at the same time"
+    # two GPUs: the four tasks ran two at a time, not one after another
+    assert any(s2 < e1 and s1 < e2 for (_, s1, e1), (_, s2, e2) in combinations(runs, 2))
+    assert cpu_devices == "", "tasks without the gpu tag must not see any GPU"
+
+
+def test_gpus_needed_reads_tag_and_config():
+    cfg = PipelineConfig.model_validate({"execution": {"gpus": 2}})
+    assert gpus_needed(["gpu"], {"cfg": cfg}) == 2
+    assert gpus_needed(["gpu"], {"x": 1}) == 1
+    assert gpus_needed([], {"cfg": cfg}) == 0
+
+
+def test_host_gpu_count_env_overrides_config(monkeypatch):
+    monkeypatch.setenv(GPU_COUNT_ENV, "3")
+    assert host_gpu_count(PipelineConfig().execution) == 3
+    monkeypatch.delenv(GPU_COUNT_ENV)
+    assert host_gpu_count(PipelineConfig.model_validate({"execution": {"host_gpus": 5}}).execution) == 5
+
+
+@flow
+def nested_leases() -> tuple[list[int], list[int]]:
+    from qlora_flow.gpu_runner import ensure_gpu_slots
+
+    ensure_gpu_slots("pair-host", 4)
+    with gpu_lease("pair-host", 4, 2) as first, gpu_lease("pair-host", 4, 2) as second:
+        return first, second
+
+
+def test_multi_gpu_leases_take_whole_aligned_groups():
+    first, second = nested_leases()
+    assert sorted([first, second]) == [[0, 1], [2, 3]]
+
+
+def test_lease_larger_than_host_is_refused():
+    with pytest.raises(ValueError, match="needs 3 GPUs but this host has 2"):
+        with gpu_lease("h", 2, 3):
+            pass

@@ -65,6 +65,11 @@ def read_conversations(store: ArtifactStore, uri: str) -> list[Conversation]:
     return [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
 
 
+def run_tokenizer(adapter_dir: Path, base_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the adapter (what training used), else the base's."""
+    return load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir)
+
+
 # ---------------------------------------------------------------- loss on assistant tokens
 
 
@@ -122,7 +127,7 @@ def assistant_loss(
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         shifted = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+            logits[:, :-1].float().flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="sum"
         )
         total += loss.item()
         count += int((shifted != -100).sum())
@@ -310,11 +315,11 @@ def evaluate_adapter(
 ) -> EvalReport:
     """Base vs tuned on the eval split, sample generations, loss curve and gate verdict under runs/<run>/eval/."""
     conversations = read_conversations(store, data.eval_uri)
-    adapter_dir = local_path(store, adapter.uri)
-    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else local_path(store, base.full_precision_uri))
+    adapter_dir, base_dir = local_path(store, adapter.uri), local_path(store, base.full_precision_uri)
+    tokenizer = run_tokenizer(adapter_dir, base_dir)
     stop_ids = end_of_turn_token_ids(tokenizer)
 
-    model = load_full_precision_model(local_path(store, base.full_precision_uri), getattr(torch, base.compute_dtype), base.device)
+    model = load_full_precision_model(base_dir, getattr(torch, base.compute_dtype), base.device)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     with model.disable_adapter():
@@ -362,7 +367,8 @@ def evaluate_adapter(
         "eval_rows": len(conversations),
     }
     (out / "report.json").write_text(json.dumps(document, indent=2, sort_keys=True))
-    (out / "report.md").write_text(comparison_markdown(report, run_id) + ("\n![loss curve](loss_curve.png)\n" if has_plot else ""))
+    plot_link = "\n![loss curve](loss_curve.png)\n" if has_plot else ""
+    (out / "report.md").write_text(comparison_markdown(report, run_id) + plot_link)
     store.commit(key)
     return report
 

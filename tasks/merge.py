@@ -38,10 +38,10 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import combine, library_versions
-from qlora_flow.models import end_of_turn_token_ids, load_tokenizer
+from qlora_flow.models import end_of_turn_token_ids
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
-from tasks.evaluate import Conversation, local_path, read_conversations
+from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
 
 
 class MergeVerificationError(RuntimeError):
@@ -93,7 +93,8 @@ def probe(
     device = next(model.parameters()).device
     probes = []
     for i, messages in enumerate(prompts):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = rendered["input_ids"]
         ids = torch.tensor([prompt], device=device)
         kwargs = {"eos_token_id": eos} if eos is not None else {}
         out = model.generate(
@@ -246,6 +247,49 @@ def model_card(
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
 
 
+def verify_saved(
+    cfg: PipelineConfig,
+    out: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    reference: list[Probe],
+    in_memory: list[Probe],
+    device: str,
+) -> tuple[dict[str, float | bool | int | str], list[str]]:
+    """Compare the in-memory merge and the saved directory (reloaded with plain transformers) against the
+    reference; return the numbers and the failures, phrased with them."""
+    m, budget, stop_ids = cfg.merge, cfg.evaluation.max_new_tokens, end_of_turn_token_ids(tokenizer)
+    prompts = [c[:-1] for c in conversations]
+    reloaded_model = _load(out, torch.float32, device)
+    reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference)
+    del reloaded_model
+    _release(device)
+    stops_ok, stopped = stops_at_end_of_turn(reloaded_probes, stop_ids, budget)
+    eos_masked = end_of_turn_in_training_mask(tokenizer, conversations[0])
+
+    verification: dict[str, float | bool | int | str] = {"verified": True, "prompts": len(prompts)}
+    failures = []
+    for name, probes in (("merged", in_memory), ("reloaded", reloaded_probes)):
+        result = compare(reference, probes, m.logits_atol)
+        verification.update({f"{name}_{k}": v for k, v in result.items()})
+        if result["max_abs_logit_diff"] > m.logits_atol:
+            failures.append(f"{name}: max |logit diff| {result['max_abs_logit_diff']:.3g} > atol {m.logits_atol:.3g}")
+        if result["top1_agreement"] < m.min_top1_agreement:
+            failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} < {m.min_top1_agreement:.4f}")
+        if result["greedy_mismatches"]:
+            failures.append(f"{name}: {result['greedy_mismatches']} of {len(prompts)} greedy answers differ from the adapter's")
+    verification.update(
+        stops_at_end_of_turn=stops_ok,
+        answers_ended_by_end_of_turn=stopped,
+        end_of_turn_in_training_mask="not checkable (no assistant markers)" if eos_masked is None else eos_masked,
+    )
+    if not stops_ok:
+        failures.append("reloaded model generated past the end-of-turn token with its saved generation config")
+    if eos_masked is False:
+        failures.append("the training assistant mask leaves out the end-of-turn token: the model was not taught to stop")
+    return verification, failures
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -277,12 +321,15 @@ def merge_adapter(
     report: EvalReport | None = None,
     data: ValidatedDataset | None = None,
 ) -> MergedModel:
+    """Merge into the 16-bit base, save under runs/<run>/model/, verify (see module docstring), then commit.
+
+    Nothing is committed when verification fails, so a broken merge never looks finished.
+    """
     base_dir, adapter_dir = local_path(store, base.full_precision_uri), local_path(store, adapter.uri)
-    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir)
+    tokenizer = run_tokenizer(adapter_dir, base_dir)
     stop_ids = end_of_turn_token_ids(tokenizer)
-    dtype = resolve_save_dtype(cfg.merge.save_dtype, base_dir)
-    device, budget = base.device, cfg.evaluation.max_new_tokens
-    m = cfg.merge
+    m, device, budget = cfg.merge, base.device, cfg.evaluation.max_new_tokens
+    dtype = resolve_save_dtype(m.save_dtype, base_dir)
     conversations = verification_prompts(cfg, store, data, report) if m.verify else []
     prompts = [c[:-1] for c in conversations]
 
@@ -302,41 +349,12 @@ def merge_adapter(
     merged.save_pretrained(out, max_shard_size=m.max_shard_size)
     tokenizer.save_pretrained(out)
 
-    verification: dict[str, float | bool | int | str] = {"verified": m.verify}
-    failures: list[str] = []
-    if m.verify:
-        in_memory = compare(reference, probe(merged.to(torch.float32), tokenizer, prompts, budget, stop_ids, reference), m.logits_atol)
-        del merged
-        _release(device)
-        reloaded_model = _load(out, torch.float32, device)
-        reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference)
-        del reloaded_model
-        _release(device)
-        reloaded = compare(reference, reloaded_probes, m.logits_atol)
-        stops_ok, stopped = stops_at_end_of_turn(reloaded_probes, stop_ids, budget)
-        eos_masked = end_of_turn_in_training_mask(tokenizer, conversations[0])
-
-        for name, result in (("merged", in_memory), ("reloaded", reloaded)):
-            verification.update({f"{name}_{k}": v for k, v in result.items()})
-            if result["max_abs_logit_diff"] > m.logits_atol:
-                failures.append(f"{name}: max |logit diff| {result['max_abs_logit_diff']:.3g} > atol {m.logits_atol:.3g}")
-            if result["top1_agreement"] < m.min_top1_agreement:
-                failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} < {m.min_top1_agreement:.4f}")
-            if result["greedy_mismatches"]:
-                failures.append(f"{name}: {result['greedy_mismatches']} of {len(prompts)} greedy answers differ from the adapter's")
-        verification.update(
-            prompts=len(prompts),
-            stops_at_end_of_turn=stops_ok,
-            answers_ended_by_end_of_turn=stopped,
-            end_of_turn_in_training_mask="not checkable (template has no assistant markers)" if eos_masked is None else eos_masked,
-        )
-        if not stops_ok:
-            failures.append("reloaded model generated past the end-of-turn token with its saved generation config")
-        if eos_masked is False:
-            failures.append("the training assistant mask leaves out the end-of-turn token: the model was not taught to stop")
-    else:
-        del merged
-        _release(device)
+    in_memory = probe(merged.to(torch.float32), tokenizer, prompts, budget, stop_ids, reference) if m.verify else []
+    del merged
+    _release(device)
+    verification, failures = (
+        verify_saved(cfg, out, tokenizer, conversations, reference, in_memory, device) if m.verify else ({"verified": False}, [])
+    )
     if failures:
         raise MergeVerificationError(f"merged model at {store.uri(key)} failed verification: " + "; ".join(failures))
 

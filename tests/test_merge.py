@@ -79,6 +79,7 @@ def _noisy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_corrupted_merge_is_caught_before_commit(tiny_config, run_inputs, monkeypatch):
+    tiny_config.evaluation.max_new_tokens = 4  # the logits already tell
     original = BaseTuner.merge_and_unload
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: _noisy(original(self, **kw)))
     with pytest.raises(merge.MergeVerificationError, match=r"merged: max \|logit diff\| .* > atol 0.01") as err:
@@ -89,6 +90,7 @@ def test_corrupted_merge_is_caught_before_commit(tiny_config, run_inputs, monkey
 
 def test_unmerged_base_is_caught(tiny_config, run_inputs, monkeypatch):
     """The example's bug: the adapter never reaches the saved weights."""
+    tiny_config.evaluation.max_new_tokens = 4
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: self.unload())
     with pytest.raises(merge.MergeVerificationError, match=r"reloaded: max \|logit diff\|"):
         merge.merge_adapter(tiny_config, run_inputs.store, "run-u", run_inputs.base, run_inputs.adapter, data=run_inputs.data)
@@ -96,6 +98,7 @@ def test_unmerged_base_is_caught(tiny_config, run_inputs, monkeypatch):
 
 def test_corrupted_saved_file_is_caught_by_reload(tiny_config, run_inputs, monkeypatch):
     tiny_config.merge.min_top1_agreement = TINY_TOP1
+    tiny_config.evaluation.max_new_tokens = 4
     original = merge.PreTrainedTokenizerBase.save_pretrained
 
     def save_then_corrupt(self, directory, *args, **kwargs):  # runs right after the weights were written

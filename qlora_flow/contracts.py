@@ -22,7 +22,7 @@ CHECKS: dict[str, str] = {
     "parse": "row is not valid JSON/CSV",
     "row_type": "row is not an object with named fields",
     "missing_field": "required field is missing or null",
-    "type": "field has the wrong type (expected a string)",
+    "type": "field has the wrong type, expected a string",
     "messages_type": "`messages` must be a non-empty list of {role, content} objects",
     "empty_content": "content is empty after stripping whitespace",
     "encoding": "text is not valid UTF-8 (undecodable bytes or U+FFFD left by an earlier lossy decode)",

@@ -178,38 +178,71 @@ def _check_turns(chunk: _Chunk) -> None:
 # ---------------------------------------------------------------- token lengths
 
 
-def _count_tokens(tokenizer, conversations: list[Messages]) -> list[int]:
-    if not conversations:
-        return []
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
-    # apply_chat_template(tokenize=True) also encodes without extra special tokens: same count
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+_BYTE_SAFE_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "WhitespaceSplit"}
 
 
-def _truncate(tokenizer, messages: Messages, n_tokens: int, limit: int) -> Messages | None:
-    """Cut the final assistant reply until the rendered chat fits; None if even an empty reply won't."""
-    ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    while n_tokens > limit and ids:
-        ids = ids[: len(ids) - (n_tokens - limit)]
-        # a cut inside a multi-byte character decodes to U+FFFD; drop it with trailing space
-        content = tokenizer.decode(ids).rstrip().rstrip("\ufffd").rstrip()
-        if not content:
-            return None
-        messages = messages[:-1] + [{"role": "assistant", "content": content}]
-        n_tokens = _count_tokens(tokenizer, [messages])[0]
-    return messages if n_tokens <= limit else None
+def _tokens_never_shorter_than_a_byte(tokenizer) -> bool:
+    """True for byte-level BPE without a normalizer or added prefix space (GPT-2, Llama 3, Qwen,
+    SmolLM): every token then covers at least one byte of the text, so a rendered chat of at most
+    max_seq_length bytes fits without being tokenised."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return (
+        spec.get("normalizer") is None
+        and spec["model"]["type"] == "BPE"
+        and any(p.get("type") == "ByteLevel" for p in steps)
+        and all(p.get("type") in _BYTE_SAFE_PRE_TOKENIZERS and not p.get("add_prefix_space") for p in steps)
+    )
 
 
-def _check_lengths(chunk: _Chunk, tokenizer, cfg: PipelineConfig) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Lengths:
+    tokenizer: object
+    limit: int
+    byte_bound: bool
+
+    def count(self, conversations: list[Messages]) -> list[int]:
+        """Tokens per rendered chat: exact where it may exceed the limit, else possibly an upper bound."""
+        if not conversations:
+            return []
+        texts = self.tokenizer.apply_chat_template(conversations, tokenize=False)
+        counts = [len(t.encode("utf-8")) for t in texts] if self.byte_bound else [self.limit + 1] * len(texts)
+        unsure = [i for i, n in enumerate(counts) if n > self.limit]
+        if unsure:
+            # apply_chat_template(tokenize=True) also encodes without extra special tokens: same count
+            ids = self.tokenizer([texts[i] for i in unsure], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            for i, row_ids in zip(unsure, ids):
+                counts[i] = len(row_ids)
+        return counts
+
+    def truncate(self, messages: Messages, n_tokens: int) -> Messages | None:
+        """Cut the final assistant reply until the rendered chat fits; None if even an empty reply won't."""
+        ids = self.tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        while n_tokens > self.limit and ids:
+            ids = ids[: len(ids) - (n_tokens - self.limit)]
+            # a cut inside a multi-byte character decodes to U+FFFD; drop it with trailing space
+            content = self.tokenizer.decode(ids).rstrip().rstrip("\ufffd").rstrip()
+            if not content:
+                return None
+            messages = messages[:-1] + [{"role": "assistant", "content": content}]
+            n_tokens = self.count([messages])[0]
+        return messages if n_tokens <= self.limit else None
+
+
+def _check_lengths(chunk: _Chunk, lengths: _Lengths, policy: str) -> tuple[int, int]:
     """Apply the overlength policy; returns (rows truncated, rows dropped by policy)."""
-    limit, policy = cfg.training.max_seq_length, cfg.data.overlength_policy
+    limit = lengths.limit
     alive = [i for i, m in enumerate(chunk.messages) if m is not None]
-    lengths = pd.DataFrame({"n_tokens": _count_tokens(tokenizer, [chunk.messages[i] for i in alive])}, index=alive, dtype="int64")
+    frame = pd.DataFrame({"n_tokens": lengths.count([chunk.messages[i] for i in alive])}, index=alive, dtype="int64")
     truncated = dropped = 0
-    for case in failures(contracts.length_schema(limit), lengths):
+    for case in failures(contracts.length_schema(limit), frame):
         i, n = case.index, int(case.value)
         if policy == "truncate":
-            fitted = _truncate(tokenizer, chunk.messages[i], n, limit)
+            fitted = lengths.truncate(chunk.messages[i], n)
             if fitted is not None:
                 chunk.messages[i] = fitted
                 truncated += 1
@@ -284,6 +317,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
     eval_prompts: set[bytes] = set()
     per_source = []
     digests: list[bytes] = []  # one per input row, for the order-independent content hash
+    lengths = _Lengths(tokenizer, cfg.training.max_seq_length, _tokens_never_shorter_than_a_byte(tokenizer))
     with ExitStack() as stack:
         writers = {s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")}
         quarantine = stack.enter_context(open(workdir / "quarantine.jsonl", "w", encoding="utf-8"))
@@ -300,7 +334,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                     for r, m in zip(chunk.rows, chunk.messages)
                 ]
                 _check_turns(chunk)
-                truncated, dropped = _check_lengths(chunk, tokenizer, cfg)
+                truncated, dropped = _check_lengths(chunk, lengths, cfg.data.overlength_policy)
                 totals["truncated"] += truncated
                 totals["dropped"] += dropped
                 out: dict[str, list] = {"train": [], "eval": []}

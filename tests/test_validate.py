@@ -452,3 +452,59 @@ def test_prefect_task_publishes_report_and_rejection_event(tmp_path, make_cfg, t
     assert len(tables) == 2 and len(events) == 2
     assert validate_mod._transient(None, None, types.SimpleNamespace(result=lambda raise_on_failure: DataValidationError("x", {}))) is False
     assert validate_mod._transient(None, None, types.SimpleNamespace(result=lambda raise_on_failure: OSError("reset"))) is True
+
+
+# ------------------------------------------------------------------ token counting shortcut
+
+
+def test_byte_bound_never_hides_an_overlength_row(tokenizer):
+    rng = random.Random(0)
+    words = ["a", "data", "ünïcødé", "naïve", "{\"k\": 1}", "🙂", "longerwordhere", "\n"]
+    convs = [
+        [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))},
+         {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))}]
+        for _ in range(300)
+    ]
+    exact = [len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in convs]
+    assert validate_mod._tokens_never_shorter_than_a_byte(tokenizer)
+    limit = sorted(exact)[150]  # half the rows are over the limit
+    counted = validate_mod._Lengths(tokenizer, limit, byte_bound=True).count(convs)
+    for got, true in zip(counted, exact):
+        assert got >= true  # an upper bound at worst...
+        assert (got > limit) == (true > limit)  # ...that never changes the verdict
+        if true > limit:
+            assert got == true  # and exact wherever a row is reported as too long
+    assert validate_mod._Lengths(tokenizer, limit, byte_bound=False).count(convs) == exact
+
+
+@pytest.mark.parametrize(
+    "spec, bounded",
+    [
+        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}, True),
+        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split"}, {"type": "ByteLevel", "add_prefix_space": False}]}}, True),
+        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}, False),
+        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}, False),
+        ({"normalizer": {"type": "NFKC"}, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"}}, False),
+        ({"normalizer": None, "model": {"type": "Unigram"}, "pre_tokenizer": {"type": "ByteLevel"}}, False),
+    ],
+)
+def test_byte_bound_only_for_byte_level_bpe(spec, bounded):
+    fake = types.SimpleNamespace(backend_tokenizer=types.SimpleNamespace(to_str=lambda: json.dumps(spec)))
+    assert validate_mod._tokens_never_shorter_than_a_byte(fake) is bounded
+
+
+def test_tokenizer_without_chat_template_is_a_config_error(tmp_path, make_cfg, store, tokenizer):
+    bare = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        validate_dataset(make_cfg(MALFORMED / "too_few_rows.jsonl"), store, bare)
+
+
+def test_quarantine_names_source_columns_under_column_mapping(tmp_path, make_cfg, store, tokenizer):
+    rows = [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(10)] + [{"q": "Question 10?", "a": 10}]
+    cfg = make_cfg(write_jsonl(tmp_path / "qa.jsonl", rows), column_mapping={"q": "prompt", "a": "completion"}, max_rejected_fraction=0.1, eval_fraction=0.5)
+    result = validate_dataset(cfg, store, tokenizer)
+    assert [(q["row"], q["reasons"]) for q in quarantine_of(result.report_uri)] == [
+        (11, [{"check": "type", "field": "a", "message": "field has the wrong type, expected a string (got 10)"}])
+    ]

@@ -1,0 +1,84 @@
+"""Scheduled, incremental retraining: run the pipeline only when the data or the base model changed.
+
+The production alias (`models/<name>/<alias>.json`) names the run it serves; that run's manifest
+records the data and base fingerprints it was trained on. The current fingerprints come from the
+same content-addressed stage functions the pipeline uses, so an unchanged input costs one hash
+pass and a cache lookup, and a changed one leaves its validated data and prepared base cached for
+the training that follows.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.states import Completed, State
+from pydantic import BaseModel
+
+from flows.pipeline import PipelineResult, qlora_pipeline
+from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.store import ArtifactStore, open_store
+from tasks.publish import MANIFEST_NAME, alias_key, run_key
+
+
+class Fingerprints(BaseModel):
+    data: str
+    base: str
+
+
+class RetrainDecision(BaseModel):
+    retrain: bool
+    reason: str
+    current: Fingerprints
+    production_run: str | None = None
+    production: Fingerprints | None = None
+
+
+def production_fingerprints(store: ArtifactStore, model_name: str, alias: str) -> tuple[str, Fingerprints] | None:
+    """(run id, fingerprints) the aliased model was trained on; None when nothing is published under the alias."""
+    document, _ = store.read_alias(alias_key(model_name, alias))
+    if document is None:
+        return None
+    run_id = document["run_id"]
+    lineage = store.read_json(f"{run_key(run_id)}/{MANIFEST_NAME}")["lineage"]
+    return run_id, Fingerprints(data=lineage["data"]["fingerprint"], base=lineage["base_model"]["fingerprint"])
+
+
+@task(name="current-fingerprints")
+def current_fingerprints(cfg: PipelineConfig) -> Fingerprints:
+    from qlora_flow.models import load_tokenizer_for
+    from tasks.prepare_base import prepare_base_model
+    from tasks.validate import validate_dataset
+
+    store = open_store(cfg.execution)
+    data = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
+    base = prepare_base_model(cfg, store)
+    return Fingerprints(data=data.fingerprint, base=base.fingerprint)
+
+
+def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
+    name, alias = cfg.publish.model_name, cfg.publish.alias
+    production = production_fingerprints(open_store(cfg.execution), name, alias)
+    if production is None:
+        return RetrainDecision(retrain=True, reason=f"no {name}:{alias} model yet", current=current)
+    run_id, trained_on = production
+    changed = [part for part in ("data", "base") if getattr(current, part) != getattr(trained_on, part)]
+    reason = (
+        f"{' and '.join(changed)} changed since {name}:{alias} (run {run_id}) was trained"
+        if changed
+        else f"data and base model unchanged since {name}:{alias} (run {run_id}); nothing to retrain"
+    )
+    return RetrainDecision(
+        retrain=bool(changed), reason=reason, current=current, production_run=run_id, production=trained_on
+    )
+
+
+@flow(name="qlora-retrain", log_prints=True)
+def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
+    """Retrain and publish when the data or the base model differ from what production was trained on."""
+    logger = get_run_logger()
+    check_local_inputs(config)
+    decision = decide(config, current_fingerprints(config))
+    logger.info(decision.reason)
+    if not decision.retrain:
+        # A skipped retraining completes under its own state name, visible in the runs list.
+        return Completed(name="Unchanged", message=decision.reason, data=decision)
+    return qlora_pipeline(config)

@@ -1,0 +1,55 @@
+"""Scheduled retraining is incremental: unchanged data and base end as a quick no-op, changes retrain."""
+
+from __future__ import annotations
+
+import json
+
+from flows.retrain import Fingerprints, current_fingerprints, decide, scheduled_retrain
+from qlora_flow.store import open_store
+from tasks.publish import alias_key
+
+
+def _publish_fake_production(cfg, fingerprints: Fingerprints, run_id: str = "prod-run-1") -> None:
+    """The two documents retraining reads: the alias and the lineage part of the run's manifest."""
+    store = open_store(cfg.execution)
+    store.write_json(
+        f"runs/{run_id}/manifest.json",
+        {"run_id": run_id, "lineage": {"data": {"fingerprint": fingerprints.data},
+                                       "base_model": {"fingerprint": fingerprints.base}}},
+    )  # fmt: skip
+    store.swap_alias(alias_key(cfg.publish.model_name, cfg.publish.alias), {"run_id": run_id}, None)
+
+
+def test_no_production_model_means_retrain(tiny_config):
+    decision = decide(tiny_config, Fingerprints(data="d", base="b"))
+    assert decision.retrain and "no demo-extractor:production model yet" in decision.reason
+
+
+def test_unchanged_inputs_end_as_a_no_op_without_training(tiny_config):
+    _publish_fake_production(tiny_config, current_fingerprints.fn(tiny_config))
+
+    state = scheduled_retrain(tiny_config, return_state=True)
+
+    assert state.is_completed() and state.name == "Unchanged"
+    assert "unchanged since demo-extractor:production (run prod-run-1)" in state.message
+    decision = state.result()
+    assert decision.retrain is False and decision.production_run == "prod-run-1"
+    store = open_store(tiny_config.execution)
+    assert store.list("cache/adapter") == [], "a no-op must not train"
+
+
+def test_changed_data_or_base_triggers_retraining(tiny_config, chat_jsonl):
+    current = current_fingerprints.fn(tiny_config)
+    _publish_fake_production(tiny_config, current)
+    assert not decide(tiny_config, current).retrain
+
+    with chat_jsonl.open("a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "new row"},
+                                          {"role": "assistant", "content": "{}"}]}) + "\n")  # fmt: skip
+    changed = current_fingerprints.fn(tiny_config)
+    assert changed.data != current.data and changed.base == current.base
+    decision = decide(tiny_config, changed)
+    assert decision.retrain and decision.reason.startswith("data changed since demo-extractor:production")
+
+    decision = decide(tiny_config, Fingerprints(data=current.data, base="another-base"))
+    assert decision.retrain and decision.reason.startswith("base changed")

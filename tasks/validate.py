@@ -104,15 +104,15 @@ def _got(value: object) -> str:
 
 
 def _detect_shape(data: DataConfig, chunk: list[RawRow], uri: str) -> str:
-    if data.format != "auto":
-        return data.format
+    """The data shape of a source, from the columns of its first chunk (after column_mapping)."""
+    candidates = list(SHAPE_COLUMNS) if data.format == "auto" else [data.format]
     columns = {data.column_mapping.get(k, k) for r in chunk if isinstance(r.value, dict) for k in r.value}
-    for shape, required in SHAPE_COLUMNS.items():
-        if set(required) <= columns:
+    for shape in candidates:
+        if set(SHAPE_COLUMNS[shape]) <= columns:
             return shape
     if not columns:  # nothing parseable to look at: the rows are quarantined as unparseable
-        return "messages"
-    expected = " | ".join("+".join(cols) for cols in SHAPE_COLUMNS.values())
+        return candidates[0]
+    expected = " | ".join("+".join(SHAPE_COLUMNS[shape]) for shape in candidates)
     raise readers.file_error(
         "missing_columns",
         f"{uri} has columns {sorted(columns)}; expected {expected} (map other names with data.column_mapping)",

@@ -508,3 +508,9 @@ def test_quarantine_names_source_columns_under_column_mapping(tmp_path, make_cfg
     assert [(q["row"], q["reasons"]) for q in quarantine_of(result.report_uri)] == [
         (11, [{"check": "type", "field": "a", "message": "field has the wrong type, expected a string (got 10)"}])
     ]
+
+
+def test_explicit_format_without_its_columns_fails_naming_them(make_cfg, store, tokenizer):
+    with pytest.raises(DataValidationError, match=r"expected prompt\+completion") as info:
+        validate_dataset(make_cfg(MALFORMED / "too_few_rows.jsonl", format="prompt_completion"), store, tokenizer)
+    assert info.value.checks == {"missing_columns": 1}

@@ -1,0 +1,145 @@
+"""Register qlora-flow's work pools, deployments and automation with the Prefect server in PREFECT_API_URL.
+
+    python -m deployments.deploy [--config configs/demo.yaml] [--k8s-image REGISTRY/qlora-flow-gpu:TAG]
+
+Deployments (parameters default to the config file; the UI shows them as a typed form built from
+PipelineConfig's schema):
+  qlora-finetune/manual        click "Run" (or trigger through the API) with any config override
+  qlora-retrain/scheduled      cron + timezone from the config's `schedule` section; a no-op
+                               when data and base are what production was trained on
+  qlora-lora-sweep/manual      LoRA ranks side by side on this host's GPUs (or Ray)
+Each allows one run at a time, so a model never trains twice at once; a scheduled run that finds
+the previous one still going is cancelled rather than queued, so schedules cannot pile up.
+
+Work pools: `qlora-local` (process worker on this machine). With --k8s-image, also `qlora-k8s`
+(Kubernetes; infra/k8s/base-job-template.json requests GPUs) and the same deployments on it,
+run from the image built with infra/Dockerfile.gpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from uuid import UUID
+
+from prefect import Flow
+from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment, deploy
+from prefect.events.actions import PauseDeployment
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
+from prefect.workers.process import ProcessWorker
+
+from qlora_flow.config import PipelineConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_TEMPLATE = ROOT / "infra" / "k8s" / "base-job-template.json"
+PROCESS_POOL = "qlora-local"
+K8S_POOL = "qlora-k8s"
+ENTRYPOINTS = {
+    "pipeline": "flows/pipeline.py:qlora_pipeline",
+    "retrain": "flows/retrain.py:scheduled_retrain",
+    "sweep": "flows/sweep.py:lora_sweep",
+}
+MANUAL, SCHEDULED, SWEEP = "qlora-finetune/manual", "qlora-retrain/scheduled", "qlora-lora-sweep/manual"
+
+
+def _flow(kind: str, for_image: bool) -> Flow:
+    if for_image:
+        # Code is baked into the image (WORKDIR /opt/qlora-flow); the entrypoint resolves from there.
+        from prefect.flows import load_flow_from_entrypoint
+
+        return load_flow_from_entrypoint(str(ROOT / ENTRYPOINTS[kind]))
+    # Process workers run the flow from this checkout (pull step: set the working directory here).
+    return Flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINTS[kind])
+
+
+def build_deployments(cfg: PipelineConfig, for_image: bool = False) -> list[RunnerDeployment]:
+    params = {"config": cfg.model_dump(mode="json")}
+    model = cfg.publish.model_name
+    tags = ["qlora", f"model:{model}"]
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    common = dict(parameters=params, tags=tags, version=None)
+    deployments = [
+        _flow("pipeline", for_image).to_deployment(
+            name="manual", concurrency_limit=one_at_a_time,
+            description=f"Fine-tune and publish {model} on demand; edit the config in the Run form.", **common,
+        ),
+        _flow("retrain", for_image).to_deployment(
+            name="scheduled",
+            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description=f"Retrain {model} when its data or base model changed ({cfg.schedule.cron}, {cfg.schedule.timezone}).",
+            **{**common, "tags": tags + ["scheduled"]},
+        ),
+        _flow("sweep", for_image).to_deployment(
+            name="manual", concurrency_limit=one_at_a_time,
+            description="LoRA ranks trained side by side, one per GPU.", **common,
+        ),
+    ]  # fmt: skip
+    return deployments
+
+
+def ensure_work_pool(name: str, pool_type: str, base_job_template: dict) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=base_job_template))
+
+
+def ensure_pause_on_rejection(model: str, scheduled_id: UUID) -> Automation:
+    """When a candidate fails the quality gate, pause scheduled retraining until someone looks."""
+    name = f"pause retraining of {model} on model.rejected"
+    try:
+        Automation.read(name=name).delete()
+    except ValueError:
+        pass  # first registration
+    return Automation(
+        name=name,
+        description="A rejected model stops the schedule; resume the deployment after fixing data or config.",
+        trigger=EventTrigger(
+            expect={"model.rejected"},
+            match={"prefect.resource.id": f"qlora-flow.model.{model}"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[PauseDeployment(source="selected", deployment_id=scheduled_id)],
+    ).create()
+
+
+def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUID]:
+    """Create pools, deployments and the automation; returns deployment ids by full name."""
+    ensure_work_pool(PROCESS_POOL, "process", ProcessWorker.get_default_base_job_template())
+    names = [MANUAL, SCHEDULED, SWEEP]
+    ids = dict(zip(names, deploy(*build_deployments(cfg), work_pool_name=PROCESS_POOL, build=False,
+                                 push=False, print_next_steps_message=False)))  # fmt: skip
+    if k8s_image:
+        import json
+
+        ensure_work_pool(K8S_POOL, "kubernetes", json.loads(K8S_TEMPLATE.read_text()))
+        k8s = build_deployments(cfg, for_image=True)
+        for deployment in k8s:
+            deployment.name = f"{deployment.name}-k8s"
+        k8s_ids = deploy(*k8s, work_pool_name=K8S_POOL, image=k8s_image, build=False, push=False,
+                         print_next_steps_message=False)  # fmt: skip
+        ids |= {f"{n}-k8s": i for n, i in zip(names, k8s_ids)}
+    ensure_pause_on_rejection(cfg.publish.model_name, ids[SCHEDULED])
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="pipeline config YAML")
+    parser.add_argument("--k8s-image", help="also register the Kubernetes pool and deployments using this image")
+    args = parser.parse_args(argv)
+    for name, deployment_id in register(load_config(args.config), args.k8s_image).items():
+        print(f"{name}\t{deployment_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -205,12 +205,21 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         peft_config=peft_config,
         callbacks=[CheckpointCommitter(), ProgressReporter()],
     )
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainable_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    if compute_dtype == torch.float32:
+        # TRL casts QLoRA adapters to bf16 unconditionally; on CPUs without fast bf16 that makes every
+        # step many times slower, so keep them in the compute dtype (the optimizer does not exist yet).
+        for param in trainable_params:
+            param.data = param.data.to(torch.float32)
+    trainable = sum(p.numel() for p in trainable_params)
 
     resume = newest_complete_checkpoint(store, checkpoints_key)
     resume_dir = None
+    resumed_tokens = 0
     if resume is not None:
         resume_dir = str(store.fetch(resume[1]))
+        state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
+        resumed_tokens = int(state.get("num_input_tokens_seen", 0))
         log.info("resuming from complete checkpoint at step %d", resume[0])
     _remove_incomplete_checkpoints(output_dir)
 
@@ -224,10 +233,6 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         if "loss" in entry
     ]
     tokens = int(trainer.state.num_input_tokens_seen)
-    resumed_tokens = 0
-    if resume is not None:
-        state_file = Path(resume_dir) / "trainer_state.json"
-        resumed_tokens = int(json.loads(state_file.read_text()).get("num_input_tokens_seen", 0))
     adapter_out_key = f"{key}/adapter"
     ref = AdapterRef(
         uri=store.uri(adapter_out_key),

@@ -1,0 +1,183 @@
+"""Training stage: trains on the NF4 base, caches by content, and survives SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_flow.refs import ValidatedDataset
+from qlora_flow.store import LocalStore
+from tasks.prepare_base import prepare_base_model
+from tasks.train import (
+    _TrainSpec,
+    adapter_key,
+    newest_complete_checkpoint,
+    train_adapter,
+    training_fingerprint,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dataset(store: LocalStore, rows: list[dict], name: str = "d") -> ValidatedDataset:
+    import pandas as pd
+
+    from qlora_flow.fingerprint import combine
+
+    key = f"cache/data/{name}"
+    out = store.workdir(key)
+    pd.DataFrame(rows).to_parquet(out / "train.parquet")
+    pd.DataFrame(rows[:4]).to_parquet(out / "eval.parquet")
+    store.commit(key)
+    return ValidatedDataset(
+        train_uri=store.uri(f"{key}/train.parquet"),
+        eval_uri=store.uri(f"{key}/eval.parquet"),
+        report_uri=store.uri(f"{key}/report.json"),
+        n_input_rows=len(rows),
+        n_train=len(rows),
+        n_eval=4,
+        n_rejected=0,
+        source_format="messages",
+        fingerprint=combine(rows),
+    )
+
+
+@pytest.fixture
+def setup(tiny_config, tmp_path):
+    from conftest import make_chat_rows
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.training.max_steps = 8
+    cfg.training.save_steps = 2
+    cfg.lora.dropout = 0.1  # resumption must restore the RNG for dropout masks too
+    store = LocalStore(cfg.execution.store)
+    data = _dataset(store, make_chat_rows(48))
+    base = prepare_base_model(cfg, store)
+    return cfg, store, data, base
+
+
+def _adapter_tensors(uri: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(uri) / "adapter_model.safetensors"))
+
+
+def test_trains_lora_on_nf4_base_with_assistant_only_loss(setup):
+    cfg, store, data, base = setup
+    ref = train_adapter(cfg, store, data, base)
+
+    assert base.nf4_uri is not None and base.compute_dtype == "float32"
+    assert ref.steps == 8
+    # r=4 on q,k,v,o (64->64 or 64->32) and gate/up/down (64<->128) in 2 layers
+    per_layer = 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert ref.trainable_parameters == 2 * per_layer
+    assert len(ref.loss_history) == 8 and all(p.loss > 0 for p in ref.loss_history)
+    assert ref.tokens_seen > 0 and ref.tokens_per_second > 0
+    config = json.loads((Path(ref.uri) / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) == set(cfg.lora.target_modules)
+    # lora_B starts at zero; training must have moved it
+    assert any(t.abs().sum() > 0 for n, t in _adapter_tensors(ref.uri).items() if "lora_B" in n)
+    # the saved tokenizer keeps the model's own chat template, not the training one with markers
+    assert "{% generation %}" not in (Path(ref.uri) / "chat_template.jinja").read_text()
+    complete = newest_complete_checkpoint(store, f"{adapter_key(ref.fingerprint)}/checkpoints")
+    assert complete is not None and complete[0] == 8
+
+
+def test_unchanged_request_reuses_adapter_and_changes_retrain(setup):
+    cfg, store, data, base = setup
+    first = train_adapter(cfg, store, data, base)
+    started = time.perf_counter()
+    again = train_adapter(cfg, store, data, base)
+    assert again == first and time.perf_counter() - started < 1.0
+
+    changed_hparam = cfg.model_copy(deep=True)
+    changed_hparam.training.learning_rate = 5e-4
+    assert training_fingerprint(changed_hparam, data, base) != first.fingerprint
+
+    from conftest import make_chat_rows
+
+    rows = make_chat_rows(48)
+    rows[5]["messages"][1]["content"] += "!"
+    changed_data = _dataset(store, rows, name="d2")
+    assert training_fingerprint(cfg, changed_data, base) != first.fingerprint
+
+    # settings that do not change the weights keep the cache
+    cosmetic = cfg.model_copy(deep=True)
+    cosmetic.training.logging_steps = 3
+    assert training_fingerprint(cosmetic, data, base) == first.fingerprint
+
+
+def _spawn_child(cfg, data, base, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    spec = tmp_path / "spec.json"
+    result = tmp_path / "result.json"
+    spec.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train", str(spec), str(result)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, result
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(setup, tmp_path):
+    cfg, store, data, base = setup
+    cfg.execution.isolate_gpu_stages = True
+    checkpoints_key = f"{adapter_key(training_fingerprint(cfg, data, base))}/checkpoints"
+
+    proc, _ = _spawn_child(cfg, data, base, tmp_path)
+    deadline = time.monotonic() + 240
+    while newest_complete_checkpoint(store, checkpoints_key) is None:
+        assert proc.poll() is None, "training finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = newest_complete_checkpoint(store, checkpoints_key)[0]
+    assert 2 <= killed_at < 8
+
+    resumed = train_adapter(cfg, store, data, base)
+    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= killed_at
+
+    # the same request in a fresh store, never interrupted
+    fresh = cfg.model_copy(deep=True)
+    fresh.execution.store = str(tmp_path / "fresh-store")
+    fresh_store = LocalStore(fresh.execution.store)
+    fresh_data = _dataset(fresh_store, _rows_of(store, data))
+    fresh_base = prepare_base_model(fresh, fresh_store)
+    uninterrupted = train_adapter(fresh, fresh_store, fresh_data, fresh_base)
+
+    assert uninterrupted.resumed_from_step is None
+    assert [p.step for p in resumed.loss_history] == [p.step for p in uninterrupted.loss_history]
+    for a, b in zip(resumed.loss_history, uninterrupted.loss_history):
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-5)
+    got, want = _adapter_tensors(resumed.uri), _adapter_tensors(uninterrupted.uri)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def _rows_of(store: LocalStore, data: ValidatedDataset) -> list[dict]:
+    import pandas as pd
+
+    frame = pd.read_parquet(data.train_uri)
+    return [{"messages": [dict(m) for m in msgs]} for msgs in frame["messages"]]
+
+
+def test_incomplete_checkpoint_is_ignored(setup):
+    cfg, store, data, base = setup
+    checkpoints_key = f"{adapter_key(training_fingerprint(cfg, data, base))}/checkpoints"
+    partial = store.workdir(f"{checkpoints_key}/checkpoint-6")
+    (partial / "adapter_model.safetensors").write_bytes(b"truncated")
+    assert newest_complete_checkpoint(store, checkpoints_key) is None
+    ref = train_adapter(cfg, store, data, base)
+    assert ref.resumed_from_step is None and ref.steps == 8

@@ -1,6 +1,6 @@
 """Register qlora-flow's work pools, deployments and automation with the Prefect server in PREFECT_API_URL.
 
-    python -m deployments.deploy [--config configs/demo.yaml] [--k8s-image REGISTRY/qlora-flow-gpu:TAG]
+    python -m deployments.deploy [--config configs/demo.yaml] [--set KEY=VALUE ...] [--k8s-image IMAGE]
 
 Deployments (parameters default to the config file; the UI shows them as a typed form built from
 PipelineConfig's schema):
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from uuid import UUID
+
+import yaml
 
 from prefect import Flow
 from prefect.automations import Automation
@@ -136,8 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="pipeline config YAML")
     parser.add_argument("--k8s-image", help="also register the Kubernetes pool and deployments using this image")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set execution.store=s3://bucket/prefix")  # fmt: skip
     args = parser.parse_args(argv)
-    for name, deployment_id in register(load_config(args.config), args.k8s_image).items():
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    for name, deployment_id in register(load_config(args.config, overrides), args.k8s_image).items():
         print(f"{name}\t{deployment_id}")
 
 

@@ -397,19 +397,21 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
 
 def _enforce(report: dict, data: DataConfig) -> None:
     """Raise DataValidationError when the report breaks the thresholds of the current config."""
-    n_input, n_rejected = report["n_input_rows"], report["n_rejected"]
+    n_input = report["n_input_rows"]
     # rows dropped by overlength_policy=drop are removed on purpose, not counted as bad data
-    counted = n_rejected - report["n_dropped_by_policy"]
-    problems = []
+    counted = report["n_rejected"] - report["n_dropped_by_policy"]
+    problems: list[str] = []
+    verdicts: dict[str, int] = {}
     if counted / n_input > data.max_rejected_fraction:
+        verdicts["rejected_fraction"] = counted
         problems.append(
             f"{counted} of {n_input} rows rejected ({counted / n_input:.2%} > max_rejected_fraction "
             f"{data.max_rejected_fraction:.2%}) [rejected_fraction]"
         )
-    if report["n_train"] < data.min_train_rows:
-        problems.append(f"train split has {report['n_train']} rows, data.min_train_rows is {data.min_train_rows} [min_rows]")
-    if report["n_eval"] < data.min_eval_rows:
-        problems.append(f"eval split has {report['n_eval']} rows, data.min_eval_rows is {data.min_eval_rows} [min_rows]")
+    for split, minimum in (("train", data.min_train_rows), ("eval", data.min_eval_rows)):
+        if report[f"n_{split}"] < minimum:
+            verdicts["min_rows"] = 1
+            problems.append(f"{split} split has {report[f'n_{split}']} rows, data.min_{split}_rows is {minimum} [min_rows]")
     if not problems:
         return
     lines = ["dataset validation failed:", *(f"  {p}" for p in problems)]
@@ -419,12 +421,7 @@ def _enforce(report: dict, data: DataConfig) -> None:
         lines.append(f"first {len(report['examples'])} offending rows:")
         lines += [f"  {e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}" for e in report["examples"]]
     lines.append(f"quarantine: {report['quarantine_uri']}  report: {report['report_uri']}")
-    checks = dict(report["checks"])
-    if "[rejected_fraction]" in problems[0]:
-        checks["rejected_fraction"] = counted
-    if any("[min_rows]" in p for p in problems):
-        checks["min_rows"] = 1
-    raise DataValidationError("\n".join(lines), checks, report)
+    raise DataValidationError("\n".join(lines), report["checks"] | verdicts, report)
 
 
 def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> ValidatedDataset:

@@ -36,7 +36,7 @@ MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
 # fields that legitimately differ when the same run is published again
 _VOLATILE_MANIFEST_FIELDS = ("created_at", "flow_run_id")
-_SECRET_FIELD = re.compile(r"secret|password|token|access_key", re.IGNORECASE)
+_SECRET_FIELD = re.compile(r"(^|_)(secret|password|token|access_key)(_|$)", re.IGNORECASE)  # not max_new_tokens
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _LATEST_ATTEMPTS = 5
 

@@ -12,7 +12,7 @@ from s3server import Fault, moto_server, s3env, stage_run  # noqa: F401  (fixtur
 from qlora_flow.config import load_config
 from qlora_flow.pull import pull_model
 from qlora_flow.store import LocalStore
-from tasks.publish import PublishError, publish_run
+from tasks.publish import PublishError, publish_run, redact
 
 
 @pytest.fixture
@@ -73,6 +73,8 @@ def test_publish_layout_manifest_and_alias(s3env, s3_cfg, tmp_path):
     assert lineage["data"]["fingerprint"] == "data-0"
     assert lineage["base_model"] == {"id": "tiny-llama", "fingerprint": "base-fp", "compute_dtype": "float32"}
     assert lineage["config"]["publish"]["model_name"] == "extractor"
+    assert lineage["config"]["evaluation"]["max_new_tokens"] == 128
+    assert lineage["config"]["execution"]["s3"]["endpoint_url"] == s3env.proxy.url
     assert set(lineage["library_versions"]) >= {"torch", "transformers", "peft"}
     assert len(lineage["code_version"]) == 16
     assert manifest["flow_run_id"] == "flow-123"
@@ -235,3 +237,18 @@ def test_local_store_publish_and_pull(tmp_path, chat_jsonl):
     assert published.alias_moved and published.files == 10
     pulled = pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled")
     assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files
+
+
+def test_redact_strips_credentials_but_keeps_settings():
+    config = {
+        "execution": {"s3": {"endpoint_url": "http://minio:KEY123@minio:9000", "session_token": "tok", "profile": "p"}},
+        "evaluation": {"max_new_tokens": 128},
+        "base_model": {"tokenizer_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "extra": [{"db_password": "pw"}],
+    }
+    assert redact(config) == {
+        "execution": {"s3": {"endpoint_url": "http://minio:9000", "session_token": "***", "profile": "p"}},
+        "evaluation": {"max_new_tokens": 128},
+        "base_model": {"tokenizer_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "extra": [{"db_password": "***"}],
+    }

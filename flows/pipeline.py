@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig, check_local_inputs
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_task
 from tasks.merge import merge_task
 from tasks.prepare_base import prepare_base_model_task
@@ -76,7 +77,8 @@ def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
         return result
     result.published = publish_task(
-        config, run_id, merged=result.merged, adapter=adapter, report=report, data=data, base=base
+        config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
+        base=base,
     )
     result.status = "published"
     result.message = f"published {config.publish.model_name} run {run_id}: {result.published.manifest_uri}"

@@ -1,0 +1,78 @@
+"""A small LoRA-rank sweep: one data validation and base preparation, then one training per rank side
+by side on the GPUs of one host (GpuTaskRunner) or of a Ray cluster, selected by execution.runner."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from qlora_flow.config import PipelineConfig
+from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner
+from qlora_flow.refs import PreparedBase, ValidatedDataset
+from qlora_flow.store import open_store
+from tasks.evaluate import evaluate_adapter
+from tasks.prepare_base import prepare_base_model_task
+from tasks.train import train_adapter
+from tasks.validate import validate_dataset_task
+
+
+class SweepPoint(BaseModel):
+    rank: int
+    run_id: str
+    adapter_uri: str
+    eval_loss: float
+    base_loss: float
+    train_seconds: float
+    cuda_visible_devices: str | None
+    started: float
+    finished: float
+
+
+def rank_config(config: PipelineConfig, rank: int) -> PipelineConfig:
+    """The config of one sweep point: alpha scales with the rank so alpha/r (the update size) stays fixed."""
+    lora = config.lora.model_copy(update={"r": rank, "alpha": config.lora.alpha * rank / config.lora.r})
+    return config.model_copy(update={"lora": lora})
+
+
+@task(name="train-and-evaluate", tags=[GPU_TAG])
+def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, base: PreparedBase) -> SweepPoint:
+    """Train and evaluate one rank on the GPUs this task was given (CUDA_VISIBLE_DEVICES)."""
+    logger = get_run_logger()
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", cfg.lora.r, devices)
+    started = time.time()
+    store = open_store(cfg.execution)
+    adapter = train_adapter(cfg, store, data, base, on_line=logger.info)
+    report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
+    return SweepPoint(
+        rank=cfg.lora.r, run_id=run_id, adapter_uri=adapter.uri, eval_loss=report.tuned_metrics["loss"],
+        base_loss=report.base_metrics["loss"], train_seconds=adapter.train_seconds, cuda_visible_devices=devices,
+        started=started, finished=time.time(),
+    )  # fmt: skip
+
+
+@flow(name="qlora-lora-sweep", log_prints=True)
+def lora_sweep(config: PipelineConfig = PipelineConfig(), ranks: list[int] = [4, 8, 16]) -> list[SweepPoint]:  # noqa: B006
+    """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss."""
+    data_future = validate_dataset_task.submit(config)
+    base_future = prepare_base_model_task.submit(config)
+    data, base = data_future.result(), base_future.result()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    with gpu_task_runner(config.execution) as runner:
+        futures = []
+        for rank in ranks:
+            cfg = rank_config(config, rank)
+            params = {"cfg": cfg, "run_id": f"{config.publish.model_name}-sweep-{stamp}-r{rank}", "data": data, "base": base}
+            with gpu_request(config.execution, max(cfg.execution.gpus, 1)):
+                futures.append(runner.submit(train_candidate, params))
+        points = sorted((f.result() for f in futures), key=lambda p: p.eval_loss)
+    create_table_artifact(
+        [{"rank": p.rank, "eval_loss": round(p.eval_loss, 4), "base_loss": round(p.base_loss, 4),
+          "train_seconds": p.train_seconds, "gpus": p.cuda_visible_devices, "adapter": p.adapter_uri} for p in points],
+        key="lora-sweep", description=f"LoRA rank sweep, best first: rank {points[0].rank}",
+    )  # fmt: skip
+    return points

@@ -112,11 +112,6 @@ def _csv(path: Path, uri: str) -> Iterator[RawRow]:
                 extra = record.pop(None)
                 yield RawRow(number, {**record, "_extra_cells": extra}, ("parse", f"row has more cells than the {len(record)} header columns"))
                 continue
-            # chat rows in CSV carry `messages` as a JSON string
-            messages = record.get("messages")
-            if isinstance(messages, str) and messages.lstrip().startswith("["):
-                with contextlib.suppress(json.JSONDecodeError):
-                    record["messages"] = json.loads(messages)
             yield RawRow(number, record)
 
 

@@ -15,6 +15,7 @@ without invalidating the cache. A cache hit reports the files of the run that pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -129,8 +130,18 @@ def _to_messages(shape: str, row: dict) -> Messages:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
 
-def _normalise(data: DataConfig, shape: str, rows: list[RawRow]) -> _Chunk:
-    """Parse errors and the shape's input schema, then `messages` for every row that passed."""
+def _decode_json_cell(value: object) -> object:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(value)
+    return value
+
+
+def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: bool = False) -> _Chunk:
+    """Parse errors and the shape's input schema, then `messages` for every row that passed.
+
+    text_cells: the format stores only strings (CSV), so chats arrive as JSON text to decode.
+    """
     chunk = _Chunk(rows, [None] * len(rows))
     source_name = {v: k for k, v in data.column_mapping.items()}
     schema = INPUT_SCHEMAS[shape]
@@ -140,6 +151,8 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow]) -> _Chunk:
             chunk.reject(i, row.error[0], None, row.error[1])
         else:
             records[i] = {data.column_mapping.get(k, k): v for k, v in row.value.items()}
+            if text_cells and shape == "messages":
+                records[i]["messages"] = _decode_json_cell(records[i].get("messages"))
     cells = [{k: mark_invalid_utf8(v) for k, v in r.items()} for r in records.values()]
     # every schema column must exist in the frame, or a chunk lacking one would pass unchecked;
     # object dtype keeps values as read, so a type check sees an int as an int
@@ -328,7 +341,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
             shape = ""
             for shape, rows in _chunks(cfg, source):
                 n_rows += len(rows)
-                chunk = _normalise(cfg.data, shape, rows)
+                chunk = _normalise(cfg.data, shape, rows, text_cells=source.fmt == "csv")
                 digests += [
                     _digest(source.split + "\x1d" + _canonical(m if m is not None else r.value))
                     for r, m in zip(chunk.rows, chunk.messages)

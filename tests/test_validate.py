@@ -514,3 +514,17 @@ def test_explicit_format_without_its_columns_fails_naming_them(make_cfg, store, 
     with pytest.raises(DataValidationError, match=r"expected prompt\+completion") as info:
         validate_dataset(make_cfg(MALFORMED / "too_few_rows.jsonl", format="prompt_completion"), store, tokenizer)
     assert info.value.checks == {"missing_columns": 1}
+
+
+def test_csv_chat_column_under_column_mapping(tmp_path, make_cfg, store, tokenizer):
+    import pandas as pd
+
+    rows = make_chat_rows(10)
+    path = tmp_path / "chat.csv"
+    pd.DataFrame({"conversation": [json.dumps(r["messages"]) for r in rows[:9]] + ["[not json"]}).to_csv(path, index=False)
+    cfg = make_cfg(path, column_mapping={"conversation": "messages"}, max_rejected_fraction=0.1, eval_fraction=0.5)
+    result = validate_dataset(cfg, store, tokenizer)
+    assert result.n_train + result.n_eval == 9
+    assert sorted(map(json.dumps, read_split(result.train_uri) + read_split(result.eval_uri))) == sorted(json.dumps(r["messages"]) for r in rows[:9])
+    [q] = quarantine_of(result.report_uri)
+    assert (q["row"], q["reasons"][0]["check"], q["reasons"][0]["field"]) == (10, "messages_type", "conversation")

@@ -357,7 +357,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                     exact, loose = _digest(_canonical(messages)), _digest(_loose(messages))
                     prompt = _digest(_loose(messages[:-1]))
                     if exact in seen_exact:
-                        chunk.reject(i, "duplicate", "messages", "exact duplicate of an earlier row")
+                        chunk.reject(i, "duplicate", "messages", CHECKS["duplicate"])
                     elif loose in seen_loose:
                         chunk.reject(i, "near_duplicate", "messages", CHECKS["near_duplicate"])
                     if source.split == "train" and prompt in eval_prompts:

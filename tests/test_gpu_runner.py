@@ -75,3 +75,18 @@ def test_lease_larger_than_host_is_refused():
     with pytest.raises(ValueError, match="needs 3 GPUs but this host has 2"):
         with gpu_lease("h", 2, 3):
             pass
+
+
+@pytest.mark.slow
+def test_sweep_trains_ranks_side_by_side_on_distinct_gpus(tiny_config, monkeypatch):
+    from flows.sweep import lora_sweep
+
+    monkeypatch.setenv(GPU_COUNT_ENV, "2")
+    points = lora_sweep(tiny_config, [2, 4])
+
+    assert sorted(p.rank for p in points) == [2, 4]
+    assert sorted(p.cuda_visible_devices for p in points) == ["0", "1"]
+    assert len({p.adapter_uri for p in points}) == 2
+    first, second = points
+    assert first.started < second.finished and second.started < first.finished, "the two trainings overlapped"
+    assert first.eval_loss <= second.eval_loss, "sorted best first"

@@ -11,7 +11,8 @@ token that closes it. Assistant turns are located by rendering with the model's 
 turn i starts where `render(messages[:i], add_generation_prompt=True)` ends and ends where
 `render(messages[:i+1])` ends; tokens are assigned by their character offsets. This works for any
 template whose renders of a prefix of the conversation are prefixes of the full render (ChatML,
-Llama 3, Mistral, Gemma...), and raises a clear error for one that is not. Loss is the
+Llama 3, Mistral, Gemma...), and raises a clear error for one that is not; for ChatML it equals the
+training stage's `{% generation %}` assistant mask (tested). Loss is the
 token-weighted mean over all assistant tokens of the split; perplexity is exp(loss).
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -84,13 +84,13 @@ def assistant_token_mask(tokenizer: PreTrainedTokenizerBase, messages: Conversat
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = len(_render(tokenizer, messages[:i], True)), len(_render(tokenizer, messages[: i + 1]))
-        if not full.startswith(_render(tokenizer, messages[: i + 1])) or start > end:
+        prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1])
+        if not (turn.startswith(prompt) and full.startswith(turn)):
             raise ValueError(
                 "the chat template does not render conversation prefixes as prefixes of the full conversation; "
                 "cannot locate assistant tokens for the loss mask"
             )
-        spans.append((start, end))
+        spans.append((len(prompt), len(turn)))
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     stops = set(end_of_turn_token_ids(tokenizer))

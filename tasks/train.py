@@ -364,9 +364,10 @@ def _cache_key(context, parameters) -> str:
     cfg, data, base = parameters["cfg"], parameters["data"], parameters["base"]
     store = open_store(cfg.execution)
     key = adapter_key(training_fingerprint(cfg, data, base))
+    # Prefect stores results under the cache key, so it must be a plain name, not a path.
     if not store.is_complete(f"{key}/adapter"):
-        return f"{key}-pending-{time.time_ns()}"
-    return f"{store.root}/{key}"
+        return f"train-pending-{time.time_ns()}"
+    return "train-" + combine(store.root, key)[:32]
 
 
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)

@@ -1,0 +1,92 @@
+"""The whole flow on the tiny model under a Prefect test server: every stage real, outputs checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _greedy(model, tokenizer, messages: list[dict], max_new_tokens: int = 12) -> list[int]:
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, prompt["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_config, tmp_path):
+    from peft import PeftModel
+
+    from flows.pipeline import qlora_pipeline
+
+    cfg = tiny_config
+    cfg.execution.isolate_gpu_stages = True  # the production path: training in a child process
+    state = qlora_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result.status == "published"
+
+    # data: split counts add up, nothing rejected
+    assert result.data.n_train + result.data.n_eval == 40 and result.data.n_rejected == 0
+    # training: 6 steps with a loss per step, adapter on disk
+    assert result.adapter.steps == 6 and len(result.adapter.loss_history) == 6
+    assert (Path(result.adapter.uri) / "adapter_model.safetensors").is_file()
+    # evaluation: both models scored on the same split
+    for metrics in (result.report.base_metrics, result.report.tuned_metrics):
+        assert {"loss", "perplexity", "exact_match"} <= metrics.keys()
+        assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-4)
+    assert result.report.verdict.passed
+
+    # merge: a plain transformers load of the merged model matches adapter-on-16-bit-base greedy output
+    merged_dir = Path(result.merged.uri)
+    assert list(merged_dir.glob("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(result.base.full_precision_uri, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, result.adapter.uri)
+    eos = merged.generation_config.eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    prompt = [{"role": "user", "content": "Record 1: Ada is 30 years old."}]
+    assert _greedy(merged, tokenizer, prompt) == _greedy(adapted, tokenizer, prompt)
+
+    # publish: manifest lists every model file with its checksum, alias names this run
+    manifest = json.loads(Path(result.published.manifest_uri).read_text())
+    alias = json.loads(Path(result.published.alias_uri).read_text())
+    assert alias["run_id"] == result.run_id
+    listed = {f["path"] for f in manifest["files"]}
+    assert any(p.startswith("model/") and p.endswith(".safetensors") for p in listed)
+    assert manifest["lineage"]["data"]["fingerprint"] == result.data.fingerprint
+    assert manifest["lineage"]["base_model"]["fingerprint"] == result.base.fingerprint
+
+    # an unchanged re-run reuses the trained adapter instead of training again
+    second = qlora_pipeline(cfg, return_state=True).result()
+    assert second.adapter == result.adapter
+    assert second.run_id != result.run_id
+
+
+@pytest.mark.slow
+def test_gate_failure_ends_rejected_without_moving_alias(prefect_server, tiny_config):
+    from flows.pipeline import qlora_pipeline
+    from qlora_flow.store import LocalStore
+
+    cfg = tiny_config
+    cfg.evaluation.gate.min_exact_match = 1.0  # a random tiny model cannot reach it
+    state = qlora_pipeline(cfg, return_state=True)
+    assert state.is_completed() and state.name == "Rejected"
+    assert "exact" in state.message.lower()
+    result = state.result()
+    assert result.status == "rejected" and result.merged is None and result.published is None
+    store = LocalStore(cfg.execution.store)
+    assert not store.exists(f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json")

@@ -88,6 +88,22 @@ def _wait_final(run_id: UUID, stack: Stack, timeout_s: float = 600) -> FlowRun:
     raise AssertionError(f"flow run {run_id} not finished after {timeout_s:.0f} s; worker log tail:\n{logs}")
 
 
+def _published_events(run: FlowRun, timeout_s: float = 60) -> list:
+    """`model.published` events of this model since the run started; the server stores events asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(
+                filter=EventFilter(event=EventNameFilter(name=["model.published"]),
+                                   occurred=EventOccurredFilter(since=run.start_time)),
+                limit=50,  # the server's page maximum
+            )  # fmt: skip
+            found = [e for e in page.events if e.payload.get("model") == MODEL]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(2)
+
+
 def test_deployments_registered_with_typed_form_schedule_and_pools(stack: Stack):
     with get_client(sync_client=True) as client:
         manual = client.read_deployment(stack.ids[MANUAL])
@@ -145,18 +161,11 @@ def test_manual_run_with_override_publishes_through_the_worker(stack: Stack, man
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[manual_run.id]))
         )
-        events = client.read_events(
-            filter=EventFilter(
-                event=EventNameFilter(name=["model.published"]),
-                occurred=EventOccurredFilter(since=manual_run.start_time),
-            ),
-            limit=50,  # the server's page maximum
-        ).events
     keys = {a.key for a in artifacts}
     assert {"data-validation", "training-progress", "eval-comparison", f"model-{MODEL}", f"published-{MODEL}"} <= keys
     progress = next(a for a in artifacts if a.key == "training-progress")
     assert progress.data == 100.0
-    (published,) = [e for e in events if e.payload["model"] == MODEL]
+    (published,) = _published_events(manual_run)
     assert published.resource["prefect.resource.id"] == f"qlora-flow.model.{MODEL}"
     assert "loss" in published.payload["metrics"] and published.payload["alias_moved"] is True
     assert f"prefect.flow-run.{manual_run.id}" in {r.id for r in published.related}
@@ -186,11 +195,12 @@ def test_ui_shows_the_evaluation_report(stack: Stack, manual_run: FlowRun):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{stack.port}/runs/flow-run/{manual_run.id}", wait_until="networkidle")
             page.get_by_text(manual_run.name).first.wait_for(timeout=60_000)
-            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("eval-comparison").first.wait_for(timeout=60_000)
             page.get_by_text("eval-comparison").first.click()
-            # the artifact page renders the markdown report: base vs tuned metrics
-            page.get_by_text("tuned").first.wait_for(timeout=60_000)
+            # the artifact page renders the evaluation report's markdown
+            page.get_by_text("Evaluation of run").first.wait_for(timeout=60_000)
+            page.get_by_text("Quality gate: passed").first.wait_for(timeout=10_000)
             page.screenshot(path=str(SCREENSHOTS / "flow-run-eval-report.png"), full_page=True)
         finally:
             browser.close()

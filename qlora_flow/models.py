@@ -122,9 +122,17 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype) -> BitsAnd
     )
 
 
-def load_nf4_model(path: str | Path, compute_dtype: torch.dtype, device: str, quant: QuantizationConfig | None = None):
+def load_nf4_model(
+    path: str | Path,
+    compute_dtype: torch.dtype,
+    device: str,
+    quant: QuantizationConfig | None = None,
+    attn_implementation: str | None = None,
+):
     """Load a 4-bit model: a serialized NF4 checkpoint directly, or quantize a 16-bit one on the fly."""
     kwargs: dict = {"dtype": compute_dtype, "device_map": {"": 0 if device == "cuda" else "cpu"}}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant, compute_dtype)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -36,6 +36,7 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
+from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
     return combine(
         "adapter", data.fingerprint, base.fingerprint, cfg.lora,
         training,
-        code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware"),
+        code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
         library_versions(),
     )
 
@@ -96,11 +97,30 @@ def _as_prompt_completion(example: dict) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def _gradient_checkpointing(cfg: PipelineConfig, device: str) -> bool:
-    if cfg.training.gradient_checkpointing != "auto":
-        return cfg.training.gradient_checkpointing == "on"
-    # On the CPU memory is plentiful and recomputation only costs time.
-    return device == "cuda"
+def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> TrainingPlan:
+    """The training profile for this hardware: see qlora_flow.training_plan."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    shape = ModelShape(base.parameters, config.hidden_size, config.num_hidden_layers, config.vocab_size)
+    budget = cfg.training.memory_budget_gib
+    if base.device == "cuda" and budget is None:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        budget = free / 2**30
+    t = cfg.training
+    return plan_training(
+        device=base.device,
+        shape=shape,
+        max_seq_length=t.max_seq_length,
+        batch_size=t.per_device_batch_size,
+        grad_accum=t.gradient_accumulation_steps,
+        checkpointing=t.gradient_checkpointing,
+        packing=t.packing,
+        memory_budget_gib=budget,
+        quantized=base.nf4_uri is not None,
+    )
 
 
 def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
@@ -122,11 +142,16 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
 
     device = base.device
     compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
-    tokenizer = load_tokenizer(store.fetch(store.key_of(base.full_precision_uri)))
+    full_dir = store.fetch(store.key_of(base.full_precision_uri))
+    tokenizer = load_tokenizer(full_dir)
+    plan = make_plan(cfg, base, full_dir)
+    log.info("training plan: %s", plan.as_dict())
     if base.nf4_uri:
-        model = load_nf4_model(store.fetch(store.key_of(base.nf4_uri)), compute_dtype, device)
+        model = load_nf4_model(
+            store.fetch(store.key_of(base.nf4_uri)), compute_dtype, device, attn_implementation=plan.attn_implementation
+        )
     else:
-        model = load_full_precision_model(store.fetch(store.key_of(base.full_precision_uri)), compute_dtype, device)
+        model = load_full_precision_model(full_dir, compute_dtype, device)
 
     train_ds = datasets.Dataset.from_parquet(str(local_file(store, data.train_uri)))
     training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
@@ -139,14 +164,14 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     if assistant_only:
         tokenizer.chat_template = training_template
 
-    gradient_checkpointing = _gradient_checkpointing(cfg, device)
+    gradient_checkpointing = plan.gradient_checkpointing
     t = cfg.training
     args = SFTConfig(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.num_epochs,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,
@@ -164,7 +189,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         max_length=t.max_seq_length,
-        packing=t.packing,
+        packing=plan.packing,
         assistant_only_loss=assistant_only,
         include_num_input_tokens_seen="non_padding",
         report_to="none",

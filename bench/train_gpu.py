@@ -1,0 +1,230 @@
+"""Training throughput and memory: the baseline QLoRA recipe vs our training stage's defaults, one run.
+
+    python bench/train_gpu.py --shape llama3-8b --workloads W1,W2 --profiles baseline,ours,budget40,lowmem
+
+Every (workload, profile) pair runs in a fresh child process (clean peak-memory counters, enforced
+memory budgets) on the same random-weight model, and prints one JSON line. Weight values do not
+change speed or memory, so random weights of the named architecture stand in for the real model.
+
+Baseline = the original example's settings with its bugs fixed: NF4 + double quantization, bf16,
+gradient checkpointing, batch 4 x grad-accum 4, LoRA r=16 on all seven projections, padding to the
+longest sequence in the batch, no packing. "ours" = what `qlora_flow.training_plan.plan_training`
+picks for this GPU (the same function the training stage calls).
+
+Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
+capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
+(frozen base: forward + input-gradient backward) plus causal attention, against 989 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PEAK_BF16_FLOPS = 989e12
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                        tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
+}  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model_dirs(shape: str, root: Path) -> dict:
+    """Random 16-bit checkpoint, then its NF4 checkpoint; returns the quantize and NF4-load times."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    full, nf4 = root / shape / "full", root / shape / "nf4"
+    timings = {}
+    if not (full / "config.json").exists():
+        config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(full)
+        del model
+    if not (nf4 / "config.json").exists():
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(full, quantization_config=_bnb(), dtype=torch.bfloat16,
+                                                     device_map={"": 0})  # fmt: skip
+        torch.cuda.synchronize()
+        timings["quantize_from_16bit_s"] = round(time.perf_counter() - started, 2)
+        model.save_pretrained(nf4)
+        del model
+        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": 0})
+    torch.cuda.synchronize()
+    timings["load_nf4_checkpoint_s"] = round(time.perf_counter() - started, 2)
+    del model
+    return timings
+
+
+def _bnb():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+def lengths_for(workload: str, n: int, seed: int = 0) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    if workload == "W1":
+        return [1024] * n
+    # log-normal, median 250 tokens, capped at 2,048
+    return [max(16, min(2048, int(math.exp(rng.gauss(math.log(250), 0.9))))) for _ in range(n)]
+
+
+def profile_settings(profile: str, shape: str, free_gib: float, workload: str) -> dict:
+    from qlora_flow.training_plan import ModelShape, plan_training
+
+    cfg = SHAPES[shape]
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    inter, kv = cfg["intermediate_size"], cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
+    model_shape = ModelShape(params, h, layers, vocab)
+    if profile == "baseline":
+        return dict(packing=False, gradient_checkpointing=True, batch=4, accum=4, attn="sdpa", budget_gib=None,
+                    plan="baseline recipe", params=params, max_length=None)  # fmt: skip
+    budget = {"ours": free_gib, "budget40": 40.0, "lowmem": 7.0}[profile]
+    # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
+    # per optimizer step equal to the baseline's (16 x 1,024).
+    max_length = 1024 if workload == "W1" or profile == "lowmem" else 2048
+    plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
+                         batch_size=4, grad_accum=4, memory_budget_gib=budget)  # fmt: skip
+    return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing,
+                batch=plan.per_device_batch_size, accum=plan.gradient_accumulation_steps,
+                attn=plan.attn_implementation, budget_gib=None if profile == "ours" else budget,
+                plan=plan.reason, params=params, max_length=max_length)  # fmt: skip
+
+
+def run_one(args) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    free, total = torch.cuda.mem_get_info()
+    settings = profile_settings(args.profile, args.shape, free / 2**30, args.workload)
+    if settings["budget_gib"]:
+        torch.cuda.set_per_process_memory_fraction(settings["budget_gib"] * 2**30 / total)
+    nf4 = Path(args.root) / args.shape / "nf4"
+    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": 0},
+                                                 attn_implementation=settings["attn"])  # fmt: skip
+    global_batch = settings["batch"] * settings["accum"]
+    steps = args.warmup + args.steps
+    vocab = SHAPES[args.shape]["vocab_size"]
+    # Packing fills rows up to 2,048 tokens, so it needs fewer rows: give every profile the same examples.
+    lengths = lengths_for(args.workload, global_batch * steps * (8 if settings["packing"] else 1))
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(100, vocab, (n,), generator=gen).tolist()} for n in lengths]
+    dataset = datasets.Dataset.from_list(rows)
+
+    step_times, step_tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.t0)
+            step_tokens.append(state.num_input_tokens_seen - self.tok0)
+
+    sft = SFTConfig(
+        output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, per_device_train_batch_size=settings["batch"],
+        gradient_accumulation_steps=settings["accum"], learning_rate=2e-4, bf16=True,
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
+        max_length=settings["max_length"] if settings["packing"] else (2048 if args.workload == "W2" else 1024),
+        packing=settings["packing"],
+        include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
+        disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
+    )  # fmt: skip
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    # Data is pre-tokenized; the tokenizer only supplies the pad token.
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer")
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[Timer()])  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+
+    measured_t, measured_tok = step_times[args.warmup :], step_tokens[args.warmup :]
+    tokens_per_s = sum(measured_tok) / sum(measured_t)
+    cfg = SHAPES[args.shape]
+    mean_len = statistics.mean(lengths)
+    attn_flops = 3 * 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * mean_len  # causal QK^T + AV, fwd+bwd
+    flops_per_token = 4 * settings["params"] + attn_flops
+    return {
+        "shape": args.shape, "workload": args.workload, "profile": args.profile, "plan": settings["plan"],
+        "packing": settings["packing"], "gradient_checkpointing": settings["gradient_checkpointing"],
+        "micro_batch": settings["batch"], "grad_accum": settings["accum"], "attn": settings["attn"],
+        "memory_budget_gib": settings["budget_gib"], "real_tokens_per_s": round(tokens_per_s, 1),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "mfu": round(tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, 4),
+        "step_s_mean": round(statistics.mean(measured_t), 3),
+        "step_s_cv": round(statistics.pstdev(measured_t) / statistics.mean(measured_t), 3),
+        "steps_measured": len(measured_t), "real_tokens_per_step": round(statistics.mean(measured_tok)), "mean_example_tokens": round(mean_len, 1),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--workloads", default="W1,W2")
+    parser.add_argument("--profiles", default="baseline,ours")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--root", default="/tmp/bench-models")
+    parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "PROFILE"))
+    args = parser.parse_args()
+    if args.child:
+        args.workload, args.profile = args.child
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    timings = build_model_dirs(args.shape, Path(args.root))
+    print(json.dumps({"shape": args.shape, **timings}), flush=True)
+    results = []
+    for workload in args.workloads.split(","):
+        for profile in args.profiles.split(","):
+            cmd = [sys.executable, __file__, "--shape", args.shape, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--root", args.root, "--child", workload, profile]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                result = {"shape": args.shape, "workload": workload, "profile": profile,
+                          "error": (proc.stderr or proc.stdout)[-1500:]}  # fmt: skip
+            else:
+                result = json.loads(line[len("RESULT ") :])
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    for workload in args.workloads.split(","):
+        base = next((r for r in results if r["workload"] == workload and r["profile"] == "baseline"), None)
+        for r in results:
+            if base and "error" not in base and "error" not in r and r["workload"] == workload:
+                speedup = r["real_tokens_per_s"] / base["real_tokens_per_s"]
+                print(json.dumps({"shape": args.shape, "workload": workload, "profile": r["profile"],
+                                  "speedup_vs_baseline": round(speedup, 2), "peak_reserved_gib": r["peak_reserved_gib"]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

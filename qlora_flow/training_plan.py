@@ -1,0 +1,110 @@
+"""Choose the training profile (packing, checkpointing, micro-batch, attention) from the hardware found.
+
+The same function drives the training stage and `bench/train_gpu.py`, so the benchmark measures the
+defaults users get. Memory estimates use per-token activation coefficients measured on an H200 with
+the Llama-3-8B shape (see README, performance section); they only need to be right to within the
+safety margin, because a wrong guess costs speed (checkpointing on), never an out-of-memory crash
+when the budget is enforced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Bytes of activations kept per token per layer per hidden unit in bf16, measured on an H200 with the
+# Llama-3-8B shape: 69.5 GiB peak at 8,192 tokens per micro-batch without checkpointing; with it only
+# each layer's input survives (plus one layer being recomputed).
+_ACT_BYTES_NO_CHECKPOINTING = 64.0
+_ACT_BYTES_CHECKPOINTING = 2.5
+_SAFETY = 0.85
+# Step-time model fitted to the same measurements: time(micro-batch) ~ tokens * (1.41 if checkpointing)
+# + a fixed cost worth ~5,100 tokens (NF4 dequantization and PEFT/bitsandbytes launch overhead per
+# micro-batch). The fixed cost is why bigger micro-batches win even when they need checkpointing.
+_CHECKPOINTING_SLOWDOWN = 1.41
+_FIXED_COST_TOKENS = 5100.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    packing: bool
+    gradient_checkpointing: bool
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    attn_implementation: str | None
+    estimated_peak_gib: float
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _weights_gib(shape: ModelShape, quantized: bool) -> float:
+    # NF4 with double quantization: ~0.53 bytes/param for linear layers; embeddings and head stay 16-bit.
+    embed = 2 * shape.vocab_size * shape.hidden_size * 2
+    linear = shape.parameters - 2 * shape.vocab_size * shape.hidden_size
+    return ((0.53 if quantized else 2.0) * linear + embed) / 2**30
+
+
+def estimate_peak_gib(shape: ModelShape, tokens_per_micro_batch: int, checkpointing: bool, quantized: bool) -> float:
+    per_token = _ACT_BYTES_CHECKPOINTING if checkpointing else _ACT_BYTES_NO_CHECKPOINTING
+    activations = per_token * shape.num_layers * shape.hidden_size * tokens_per_micro_batch
+    if checkpointing:  # one layer is recomputed with full activations during backward
+        activations += _ACT_BYTES_NO_CHECKPOINTING * shape.hidden_size * tokens_per_micro_batch
+    return _weights_gib(shape, quantized) + activations / 2**30 + 1.0  # + CUDA context, LoRA state, workspace
+
+
+def plan_training(
+    *,
+    device: str,
+    shape: ModelShape,
+    max_seq_length: int,
+    batch_size: int,
+    grad_accum: int,
+    checkpointing: str = "auto",
+    packing: str = "auto",
+    memory_budget_gib: float | None = None,
+    quantized: bool = True,
+) -> TrainingPlan:
+    """Pick the fastest profile that fits: no checkpointing and bigger micro-batches when memory allows."""
+    global_batch = batch_size * grad_accum
+    if device != "cuda":
+        # CPUs have the memory; recomputation and packing kernels only cost time there.
+        return TrainingPlan(
+            packing=packing == "on",
+            gradient_checkpointing=checkpointing == "on",
+            per_device_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
+            attn_implementation="sdpa",
+            estimated_peak_gib=0.0,
+            reason="cpu: configured batch, no checkpointing",
+        )
+    use_packing = packing != "off"
+    attn = "flex_attention" if use_packing else "sdpa"
+    budget = (memory_budget_gib or 80.0) * _SAFETY
+    modes = {"on": [True], "off": [False]}.get(checkpointing, [False, True])
+    best: tuple[float, TrainingPlan] | None = None
+    # Every micro-batch that divides the global batch, with and without checkpointing: keep the
+    # fastest by the step-time model among those whose estimated peak fits the budget.
+    for micro in (d for d in range(1, global_batch + 1) if global_batch % d == 0):
+        tokens = micro * max_seq_length
+        for ckpt in modes:
+            peak = estimate_peak_gib(shape, tokens, ckpt, quantized)
+            if peak > budget:
+                continue
+            speed = tokens / (tokens * (_CHECKPOINTING_SLOWDOWN if ckpt else 1.0) + _FIXED_COST_TOKENS)
+            if best is None or speed > best[0]:
+                reason = f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}: ~{peak:.0f} GiB of {budget:.0f}"
+                best = (speed, TrainingPlan(use_packing, ckpt, micro, global_batch // micro, attn, round(peak, 1), reason))
+    if best is not None:
+        return best[1]
+    return TrainingPlan(use_packing, True, 1, global_batch, "flex_attention" if use_packing else "sdpa",
+                        round(estimate_peak_gib(shape, max_seq_length, True, quantized), 1),
+                        "smallest profile; may exceed the budget")  # fmt: skip

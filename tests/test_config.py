@@ -77,3 +77,12 @@ def test_flow_parameter_schema_is_a_typed_form():
     lora = definitions["LoraSettings"]["properties"]
     assert lora["r"]["exclusiveMinimum"] == 0 and lora["r"]["default"] == 16
     assert config_ref.get("$ref", "").endswith("PipelineConfig") or "allOf" in config_ref
+
+
+def test_default_yaml_lists_every_key_with_its_default(monkeypatch):
+    """configs/default.yaml is the spelling reference that error messages point to; it must stay in sync."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    documented = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert documented == PipelineConfig().model_dump(mode="json")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ from qlora_flow.models import end_of_turn_token_ids
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 class MergeVerificationError(RuntimeError):
@@ -346,19 +350,33 @@ def merge_adapter(
 
     key = f"runs/{run_id}/model"
     out = store.workdir(key)
-    for stale in out.iterdir():  # a previous attempt may have left differently named shards
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    merged = PeftModel.from_pretrained(_load(base_dir, dtype, device), adapter_dir).merge_and_unload()
-    merged.generation_config = generation_config_for(base_dir, tokenizer)
-    merged.save_pretrained(out, max_shard_size=m.max_shard_size)
-    tokenizer.save_pretrained(out)
 
-    in_memory = probe(merged.to(torch.float32), tokenizer, prompts, budget, stop_ids, reference) if m.verify else []
-    del merged
-    _release(device)
-    verification, failures = (
-        verify_saved(cfg, out, tokenizer, conversations, reference, in_memory, dtype, device) if m.verify else ({"verified": False}, [])
-    )
+    def merge_and_verify(save_dtype: torch.dtype) -> tuple[dict, list[str]]:
+        for stale in out.iterdir():  # a previous attempt may have left differently named shards
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        merged = PeftModel.from_pretrained(_load(base_dir, save_dtype, device), adapter_dir).merge_and_unload()
+        merged.generation_config = generation_config_for(base_dir, tokenizer)
+        merged.save_pretrained(out, max_shard_size=m.max_shard_size)
+        tokenizer.save_pretrained(out)
+        in_memory = (
+            probe(merged.to(torch.float32), tokenizer, prompts, budget, stop_ids, reference) if m.verify else []
+        )
+        del merged
+        _release(device)
+        if not m.verify:
+            return {"verified": False}, []
+        return verify_saved(cfg, out, tokenizer, conversations, reference, in_memory, save_dtype, device)
+
+    verification, failures = merge_and_verify(dtype)
+    if failures and m.save_dtype == "auto" and dtype != torch.float32:
+        # An update smaller than half a 16-bit ulp of the base weight is rounded away by a 16-bit merge
+        # (seen with short trainings). Ship a float32 merge that matches the adapter rather than a
+        # 16-bit one that does not; the reason is kept in verification.json and the model card.
+        log.warning("16-bit merge failed verification (%s); merging in float32 instead", "; ".join(failures))
+        rejected = "; ".join(failures)
+        dtype = torch.float32
+        verification, failures = merge_and_verify(dtype)
+        verification["float32_fallback_reason"] = rejected
     if failures:
         raise MergeVerificationError(f"merged model at {store.uri(key)} failed verification: " + "; ".join(failures))
 

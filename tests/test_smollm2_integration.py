@@ -27,6 +27,7 @@ def test_smollm2_trains_evaluates_and_merges(tmp_path, monkeypatch):
         {
             "training.max_steps": 4,
             "training.save_steps": 2,
+            "training.logging_steps": 1,
             "evaluation.max_generation_samples": 4,
             "evaluation.max_new_tokens": 40,
             "evaluation.gate.min_exact_match": None,
@@ -55,7 +56,11 @@ def test_smollm2_trains_evaluates_and_merges(tmp_path, monkeypatch):
     assert report.tuned_metrics["loss"] < report.base_metrics["loss"]
 
     merged = merge_adapter(cfg, store, "it-run", base, adapter, report, data)
-    assert merged.verification["passed"] is True
+    assert merged.verification["verified"] is True
+    # 4 steps move the weights by less than half a bf16 ulp in places: the stage must have noticed that a
+    # bf16 merge no longer matches the adapter and shipped the verified float32 merge instead.
+    assert merged.dtype == "float32"
+    assert "top-1 agreement" in merged.verification["float32_fallback_reason"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(merged.uri)

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -325,7 +326,15 @@ def run_training_in_child(
             env=env,
             start_new_session=True,  # its own process group, so killing it takes torchrun workers too
         )
-        deadline = time.monotonic() + cfg.execution.train_timeout_s
+        # A watchdog, not a check per log line: a child that hangs silently must be killed too.
+        timed_out = threading.Event()
+
+        def on_timeout() -> None:
+            timed_out.set()
+            _kill_group(proc)
+
+        watchdog = threading.Timer(cfg.execution.train_timeout_s, on_timeout)
+        watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -335,12 +344,14 @@ def run_training_in_child(
                         on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
                 elif line:
                     on_line(line)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"training exceeded execution.train_timeout_s={cfg.execution.train_timeout_s}")
             proc.wait()
         except BaseException:
             _kill_group(proc)
             raise
+        finally:
+            watchdog.cancel()
+        if timed_out.is_set():
+            raise TimeoutError(f"training exceeded execution.train_timeout_s={cfg.execution.train_timeout_s}")
         if proc.returncode != 0:
             raise RuntimeError(f"training process exited with code {proc.returncode}; see the log lines above")
         return AdapterRef.model_validate_json(result_path.read_text())

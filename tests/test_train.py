@@ -181,3 +181,19 @@ def test_incomplete_checkpoint_is_ignored(setup):
     assert newest_complete_checkpoint(store, checkpoints_key) is None
     ref = train_adapter(cfg, store, data, base)
     assert ref.resumed_from_step is None and ref.steps == 8
+
+
+def test_timeout_kills_the_training_child_and_says_so(setup):
+    from tasks.train import run_training_in_child
+
+    cfg, store, data, base = setup
+    cfg.execution.train_timeout_s = 2  # the child needs longer than this just to import torch
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="execution.train_timeout_s=2"):
+        run_training_in_child(cfg, data, base, on_line=lines.append)
+    assert time.monotonic() - started < 30
+    # nothing was committed: no adapter, no checkpoint
+    key = adapter_key(training_fingerprint(cfg, data, base))
+    assert not store.is_complete(f"{key}/adapter")
+    assert newest_complete_checkpoint(store, f"{key}/checkpoints") is None

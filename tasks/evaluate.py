@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -380,6 +380,10 @@ def announce(cfg: PipelineConfig, store: ArtifactStore, run_id: str, report: Eva
     table = [{k: s[k] for k in ("prompt", "reference", "base", "tuned")} for s in samples]
     if table:
         create_table_artifact(table, key="eval-samples", description=f"run {run_id}: sample generations")
+    if report.loss_plot_uri:
+        # Local stores hold plain paths; a file:// URL is what the UI can render as a link.
+        link = report.loss_plot_uri if "://" in report.loss_plot_uri else Path(report.loss_plot_uri).as_uri()
+        create_link_artifact(link, link_text="training loss curve (PNG)", key="loss-curve", description=f"run {run_id}")
     if not report.verdict.passed:
         emit_event(
             event="model.rejected",

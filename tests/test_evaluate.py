@@ -79,7 +79,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dir):
 
 
 def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatch):
-    calls: dict[str, list] = {"markdown": [], "table": [], "event": []}
+    calls: dict[str, list] = {"markdown": [], "table": [], "event": [], "link": []}
+    monkeypatch.setattr(evaluate, "create_link_artifact", lambda link, **kw: calls["link"].append((link, kw)))
     monkeypatch.setattr(evaluate, "create_markdown_artifact", lambda md, **kw: calls["markdown"].append((md, kw)))
     monkeypatch.setattr(evaluate, "create_table_artifact", lambda table, **kw: calls["table"].append((table, kw)))
     monkeypatch.setattr(evaluate, "emit_event", lambda **kw: calls["event"].append(kw))
@@ -98,6 +99,8 @@ def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatc
     [(table, _)] = calls["table"]
     assert len(table) == 4 and set(table[0]) == {"prompt", "reference", "base", "tuned"}
     assert "Quality gate: FAILED" in calls["markdown"][0][0]
+    [(link, link_kw)] = calls["link"]
+    assert link.startswith("file://") and link.endswith(".png") and link_kw["key"] == "loss-curve"
 
     tiny_config.evaluation.gate.min_exact_match = None
     calls["event"].clear()

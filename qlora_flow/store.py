@@ -74,6 +74,11 @@ class ArtifactStore(ABC):
             raise ValueError(f"{uri} is not inside the artifact store {self.root}")
         return uri[len(prefix):].strip("/")
 
+    def fetch_file(self, uri: str) -> Path:
+        """Local path of a file inside a committed store directory (fetching the directory if remote)."""
+        parent, _, name = self.key_of(uri).rpartition("/")
+        return self.fetch(parent) / name
+
     def is_complete(self, key: str) -> bool:
         return self.exists(f"{key}/{COMPLETE_MARKER}")
 

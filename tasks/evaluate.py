@@ -18,7 +18,6 @@ token-weighted mean over all assistant tokens of the split; perplexity is exp(lo
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -34,7 +33,7 @@ from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
-from qlora_flow.store import ArtifactStore, LocalStore, open_store
+from qlora_flow.store import ArtifactStore, open_store
 
 Conversation = list[dict[str, str]]
 
@@ -58,10 +57,7 @@ def read_conversations(store: ArtifactStore, uri: str) -> list[Conversation]:
     """The `messages` column of a validated split (parquet)."""
     import pyarrow.parquet as pq
 
-    if isinstance(store, LocalStore):
-        table = pq.read_table(store.path / store.key_of(uri))
-    else:
-        table = pq.read_table(io.BytesIO(store.read_bytes(store.key_of(uri))))
+    table = pq.read_table(store.fetch_file(uri))
     return [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
 
 

@@ -6,10 +6,12 @@ base and quantization settings loads them directly instead of converting or quan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import logging
 import time
+from pathlib import Path
 
 import torch
 from prefect import task
@@ -36,7 +38,7 @@ def _import_full_precision(cfg: PipelineConfig, store: ArtifactStore, source, ke
     """Write the base as a 16-bit safetensors directory with tokenizer, chat template and generation config."""
     local_dir = None
     if source.kind == "s3":
-        local_dir = str(store_for_uri(cfg, source.location).fetch(""))
+        local_dir = str(_download_model_prefix(cfg, source.location))
     model = load_source_model(cfg.base_model, source, local_dir)
     if local_dir:
         from transformers import AutoTokenizer
@@ -57,11 +59,22 @@ def _import_full_precision(cfg: PipelineConfig, store: ArtifactStore, source, ke
     store.commit(key)
 
 
-def store_for_uri(cfg: PipelineConfig, uri: str) -> ArtifactStore:
-    """A store rooted at an s3:// model prefix (a base model kept in object storage)."""
+def _download_model_prefix(cfg: PipelineConfig, uri: str) -> Path:
+    """Copy a Hugging Face model directory kept under an s3:// prefix into the local cache.
+
+    A user's model prefix carries no `_COMPLETE` marker (it was not written by this pipeline), so it
+    is listed and downloaded object by object rather than fetched as a store result.
+    """
     from qlora_flow.s3store import S3Store
 
-    return S3Store.from_config(uri, cfg.execution.s3, cache_dir=cfg.execution.local_cache)
+    remote = S3Store.from_config(uri, cfg.execution.s3, cache_dir=cfg.execution.local_cache)
+    keys = remote.list("")
+    if "config.json" not in keys:
+        raise FileNotFoundError(f"base_model.id: {uri} holds no config.json; not a model directory")
+    dest = Path(cfg.execution.local_cache) / "base-sources" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    for key in keys:
+        remote.download(key, dest / key)
+    return dest
 
 
 def prepare_base_model(cfg: PipelineConfig, store: ArtifactStore) -> PreparedBase:

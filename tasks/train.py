@@ -60,13 +60,6 @@ def adapter_key(fingerprint: str) -> str:
     return f"cache/adapter/{fingerprint[:24]}"
 
 
-def local_file(store: ArtifactStore, uri: str) -> Path:
-    """A local path for a file inside a committed store directory."""
-    key = store.key_of(uri)
-    parent, _, name = key.rpartition("/")
-    return store.fetch(parent) / name
-
-
 def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
     steps = []
     for key in store.list(checkpoints_key):
@@ -154,7 +147,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     else:
         model = load_full_precision_model(full_dir, compute_dtype, device)
 
-    train_ds = datasets.Dataset.from_parquet(str(local_file(store, data.train_uri)))
+    train_ds = datasets.Dataset.from_parquet(str(store.fetch_file(data.train_uri)))
     training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
     assistant_only = training_template is not None
     if cfg.training.assistant_only_loss and not assistant_only:

@@ -1,52 +1,83 @@
 """Wall time of one training vs two side by side on two GPUs (GpuTaskRunner), printed as JSON.
 
-    python bench/sweep_gpus.py [--config configs/demo.yaml] [--steps 40]
+    python bench/sweep_gpus.py [--config configs/demo.yaml] [--shape llama3.2-1b] [--steps 200]
 
-Each measurement uses a fresh artifact store (so nothing is reused from cache) after a warm-up
-that prepares the base model once. Ideal scaling: `two_parallel_s` close to `one_s`.
+With --shape, the base model is a random-weight model of that architecture (bench/train_gpu.py's
+SHAPES) with the test tokenizer, so the run needs no download; without it, the config's base model.
+Each measurement uses a fresh artifact store (nothing reused from cache) after a warm-up that pays
+imports and kernel compilation once. Ideal scaling: `two_parallel_s` close to `one_s`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.sweep import lora_sweep
-from qlora_flow.config import load_config
-from qlora_flow.gpu_runner import host_gpu_count
+from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings  # noqa: E402
+
+from flows.sweep import lora_sweep  # noqa: E402
+from qlora_flow.config import load_config  # noqa: E402
+from qlora_flow.gpu_runner import host_gpu_count  # noqa: E402
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer"
 
 
-def timed_sweep(config_path: str, steps: int, ranks: list[int], store: Path) -> tuple[float, list[dict]]:
-    cfg = load_config(config_path, {
-        "training.max_steps": steps, "execution.store": str(store), "execution.local_cache": str(store / "_cache"),
-        "execution.gpus": 1, "evaluation.max_generation_samples": 8,
-    })  # fmt: skip
+def random_model_dir(shape: str, root: Path) -> Path:
+    """A bf16 checkpoint of the named shape with random weights, plus the test tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from bench.train_gpu import SHAPES
+
+    out = root / f"random-{shape}"
+    vocab = max(SHAPES[shape]["vocab_size"], len(AutoTokenizer.from_pretrained(TOKENIZER)))
+    config = LlamaConfig(**{**SHAPES[shape], "vocab_size": vocab}, dtype="bfloat16")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for file in TOKENIZER.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+def timed_sweep(config_path: str, overrides: dict, ranks: list[int], store: Path) -> tuple[float, list[dict]]:
+    cfg = load_config(config_path, {**overrides, "execution.store": str(store), "execution.local_cache": str(store / "_cache")})
     started = time.perf_counter()
     points = lora_sweep(cfg, ranks)
-    return time.perf_counter() - started, [p.model_dump(include={"rank", "cuda_visible_devices", "train_seconds"}) for p in points]
+    fields = {"rank", "cuda_visible_devices", "train_seconds", "started", "finished"}
+    return time.perf_counter() - started, [p.model_dump(include=fields) for p in points]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--shape", default=None, help="random-weight base of this shape instead of the config's model")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     gpus = host_gpu_count(load_config(args.config).execution)
     if gpus < 2:
         raise SystemExit(f"needs 2 GPUs, found {gpus}")
     with tempfile.TemporaryDirectory() as tmp, temporary_settings({PREFECT_LOGGING_LEVEL: "WARNING"}):
-        timed_sweep(args.config, 2, [2], Path(tmp) / "warmup")  # imports, kernels, base conversion
-        one_s, one = timed_sweep(args.config, args.steps, [8], Path(tmp) / "one")
-        two_s, two = timed_sweep(args.config, args.steps, [8, 16], Path(tmp) / "two")
+        overrides = {"training.max_steps": args.steps, "execution.gpus": 1, "evaluation.max_generation_samples": 8}
+        if args.shape:
+            overrides["base_model.id"] = str(random_model_dir(args.shape, Path(tmp)))
+        warmup = {**overrides, "training.max_steps": 2}
+        timed_sweep(args.config, warmup, [2], Path(tmp) / "warmup")  # imports, kernels, page cache
+        one_s, one = timed_sweep(args.config, overrides, [8], Path(tmp) / "one")
+        two_s, two = timed_sweep(args.config, overrides, [8, 16], Path(tmp) / "two")
     print(json.dumps({
-        "gpus": gpus, "steps": args.steps, "one_s": round(one_s, 1), "two_parallel_s": round(two_s, 1),
-        "parallel_efficiency": round(one_s / two_s, 3), "one": one, "two": two,
-    }, indent=2))  # fmt: skip
+        "gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1),
+        "two_parallel_s": round(two_s, 1), "parallel_efficiency": round(one_s / two_s, 3), "one": one, "two": two,
+    }), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Training throughput and memory: the baseline QLoRA recipe vs our training stage's defaults, one run.
 
     python bench/train_gpu.py --shape llama3-8b --workloads W1,W2 --profiles baseline,ours,budget40,lowmem
+    python bench/train_gpu.py --workloads W2 --profiles ours,ours+ddp          # 1 GPU vs all visible GPUs
+    python bench/train_gpu.py --workloads W1 --profiles ours,ours+liger,ours+compile,ours+prof
 
 Every (workload, profile) pair runs in a fresh child process (clean peak-memory counters, enforced
 memory budgets) on the same random-weight model, and prints one JSON line. Weight values do not
@@ -10,6 +12,11 @@ Baseline = the original example's settings with its bugs fixed: NF4 + double qua
 gradient checkpointing, batch 4 x grad-accum 4, LoRA r=16 on all seven projections, padding to the
 longest sequence in the batch, no packing. "ours" = what `qlora_flow.training_plan.plan_training`
 picks for this GPU (the same function the training stage calls).
+
+A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE kernels through TRL),
+`compile` (torch.compile of each decoder layer), `nodrop` (LoRA dropout 0: shows dropout's share of the
+step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
+count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -40,6 +47,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
+MODIFIERS = {"liger", "compile", "nodrop", "ddp", "prof"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -91,7 +99,7 @@ def lengths_for(workload: str, n: int, seed: int = 0) -> list[int]:
     return [max(16, min(2048, int(math.exp(rng.gauss(math.log(250), 0.9))))) for _ in range(n)]
 
 
-def profile_settings(profile: str, shape: str, free_gib: float, workload: str) -> dict:
+def profile_settings(profile: str, shape: str, free_gib: float, workload: str, world: int = 1) -> dict:
     from qlora_flow.training_plan import ModelShape, plan_training
 
     cfg = SHAPES[shape]
@@ -100,18 +108,26 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str) -
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
     model_shape = ModelShape(params, h, layers, vocab)
     if profile == "baseline":
-        return dict(packing=False, gradient_checkpointing=True, batch=4, accum=4, attn="sdpa", budget_gib=None,
+        return dict(packing=False, gradient_checkpointing=True, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
                     plan="baseline recipe", params=params, max_length=None)  # fmt: skip
     budget = {"ours": free_gib, "budget40": 40.0, "lowmem": 7.0}[profile]
     # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
     # per optimizer step equal to the baseline's (16 x 1,024).
     max_length = 1024 if workload == "W1" or profile == "lowmem" else 2048
     plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
-                         batch_size=4, grad_accum=4, memory_budget_gib=budget)  # fmt: skip
+                         batch_size=4, grad_accum=4, memory_budget_gib=budget, world_size=world)  # fmt: skip
     return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing,
                 batch=plan.per_device_batch_size, accum=plan.gradient_accumulation_steps,
                 attn=plan.attn_implementation, budget_gib=None if profile == "ours" else budget,
                 plan=plan.reason, params=params, max_length=max_length)  # fmt: skip
+
+
+def split_profile(profile: str) -> tuple[str, set[str]]:
+    name, *modifiers = profile.split("+")
+    unknown = set(modifiers) - MODIFIERS
+    if unknown:
+        raise SystemExit(f"unknown profile modifier(s) {sorted(unknown)}; known: {sorted(MODIFIERS)}")
+    return name, set(modifiers)
 
 
 def run_one(args) -> dict:
@@ -121,14 +137,20 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from qlora_flow.speedups import compile_decoder_layers
+
+    name, modifiers = split_profile(args.profile)
+    local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(local_rank)
     free, total = torch.cuda.mem_get_info()
-    settings = profile_settings(args.profile, args.shape, free / 2**30, args.workload)
+    # Same global batch on any GPU count: each GPU accumulates fewer micro-batches.
+    settings = profile_settings(name, args.shape, free / 2**30, args.workload, world)
     if settings["budget_gib"]:
         torch.cuda.set_per_process_memory_fraction(settings["budget_gib"] * 2**30 / total)
     nf4 = Path(args.root) / args.shape / "nf4"
-    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": 0},
+    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
                                                  attn_implementation=settings["attn"])  # fmt: skip
-    global_batch = settings["batch"] * settings["accum"]
+    global_batch = settings["batch"] * settings["accum"] * world
     steps = args.warmup + args.steps
     vocab = SHAPES[args.shape]["vocab_size"]
     # Packing fills rows up to 2,048 tokens, so it needs fewer rows: give every profile the same examples.
@@ -138,6 +160,7 @@ def run_one(args) -> dict:
     dataset = datasets.Dataset.from_list(rows)
 
     step_times, step_tokens = [], []
+    profiler = _profiler(args.warmup) if "prof" in modifiers else None
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -147,7 +170,10 @@ def run_one(args) -> dict:
         def on_step_end(self, a, state, control, **kw):
             torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t0)
+            # Gathered over all ranks by the Trainer, so this is the global count under DDP.
             step_tokens.append(state.num_input_tokens_seen - self.tok0)
+            if profiler is not None:
+                profiler.step()
 
     sft = SFTConfig(
         output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, per_device_train_batch_size=settings["batch"],
@@ -158,14 +184,22 @@ def run_one(args) -> dict:
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
+        use_liger_kernel="liger" in modifiers, ddp_find_unused_parameters=False if world > 1 else None,
     )  # fmt: skip
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    dropout = 0.0 if "nodrop" in modifiers else 0.05
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     # Data is pre-tokenized; the tokenizer only supplies the pad token.
     tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer")
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[Timer()])  # fmt: skip
+    compiled_layers = compile_decoder_layers(trainer.model) if "compile" in modifiers else 0
     torch.cuda.reset_peak_memory_stats()
+    if profiler is not None:
+        profiler.start()
     trainer.train()
+    if profiler is not None:
+        profiler.stop()
+        _write_profile(profiler, args, step_times)
 
     measured_t, measured_tok = step_times[args.warmup :], step_tokens[args.warmup :]
     tokens_per_s = sum(measured_tok) / sum(measured_t)
@@ -175,16 +209,45 @@ def run_one(args) -> dict:
     flops_per_token = 4 * settings["params"] + attn_flops
     return {
         "shape": args.shape, "workload": args.workload, "profile": args.profile, "plan": settings["plan"],
+        "gpus": world, "lora_dropout": dropout, "compiled_layers": compiled_layers,
         "packing": settings["packing"], "gradient_checkpointing": settings["gradient_checkpointing"],
         "micro_batch": settings["batch"], "grad_accum": settings["accum"], "attn": settings["attn"],
         "memory_budget_gib": settings["budget_gib"], "real_tokens_per_s": round(tokens_per_s, 1),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "mfu": round(tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, 4),
+        "mfu": round(tokens_per_s * flops_per_token / PEAK_BF16_FLOPS / world, 4),
         "step_s_mean": round(statistics.mean(measured_t), 3),
         "step_s_cv": round(statistics.pstdev(measured_t) / statistics.mean(measured_t), 3),
         "steps_measured": len(measured_t), "real_tokens_per_step": round(statistics.mean(measured_tok)), "mean_example_tokens": round(mean_len, 1),
     }  # fmt: skip
+
+
+def _profiler(warmup: int):
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    # Skip the warm-up steps, then record two optimizer steps.
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1))  # fmt: skip
+
+
+def _write_profile(profiler, args, step_times: list[float]) -> None:
+    events = profiler.key_averages()
+    cuda_us = sum(e.self_device_time_total for e in events)
+    out = Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile}.txt"
+    recorded = step_times[args.warmup : args.warmup + 2]
+    header = (f"two steps, wall {sum(recorded):.3f} s, GPU busy (sum of kernel self time) {cuda_us / 1e6:.3f} s\n\n")
+    out.write_text(header + events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+
+
+def _child_command(args, workload: str, profile: str) -> list[str]:
+    script = [__file__, "--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--root", args.root, "--child", workload, profile]  # fmt: skip
+    if "ddp" in split_profile(profile)[1]:
+        import torch
+
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}"]
+        return [sys.executable, *launcher, *script]
+    return [sys.executable, *script]
 
 
 def main() -> None:
@@ -196,19 +259,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--root", default="/tmp/bench-models")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "PROFILE"))
+    parser.add_argument("--build-only", action="store_true", help="build the model dirs, time NF4 loading, stop")
     args = parser.parse_args()
     if args.child:
         args.workload, args.profile = args.child
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        result = run_one(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return
     timings = build_model_dirs(args.shape, Path(args.root))
     print(json.dumps({"shape": args.shape, **timings}), flush=True)
+    if args.build_only:
+        return
     results = []
     for workload in args.workloads.split(","):
         for profile in args.profiles.split(","):
-            cmd = [sys.executable, __file__, "--shape", args.shape, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--root", args.root, "--child", workload, profile]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(_child_command(args, workload, profile), capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 result = {"shape": args.shape, "workload": workload, "profile": profile,
@@ -217,13 +283,16 @@ def main() -> None:
                 result = json.loads(line[len("RESULT ") :])
             results.append(result)
             print(json.dumps(result), flush=True)
+    ok = [r for r in results if "error" not in r]
     for workload in args.workloads.split(","):
-        base = next((r for r in results if r["workload"] == workload and r["profile"] == "baseline"), None)
-        for r in results:
-            if base and "error" not in base and "error" not in r and r["workload"] == workload:
-                speedup = r["real_tokens_per_s"] / base["real_tokens_per_s"]
-                print(json.dumps({"shape": args.shape, "workload": workload, "profile": r["profile"],
-                                  "speedup_vs_baseline": round(speedup, 2), "peak_reserved_gib": r["peak_reserved_gib"]}))  # fmt: skip
+        for reference in ("baseline", "ours"):
+            ref = next((r for r in ok if r["workload"] == workload and r["profile"] == reference), None)
+            for r in ok:
+                if ref and r["workload"] == workload and r is not ref:
+                    speedup = r["real_tokens_per_s"] / ref["real_tokens_per_s"]
+                    print(json.dumps({"shape": args.shape, "workload": workload, "profile": r["profile"],
+                                      f"speedup_vs_{reference}": round(speedup, 2),
+                                      "peak_reserved_gib": r["peak_reserved_gib"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Sources a base model may come from:
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,9 @@ def load_nf4_model(
     attn_implementation: str | None = None,
 ):
     """Load a 4-bit model: a serialized NF4 checkpoint directly, or quantize a 16-bit one on the fly."""
-    kwargs: dict = {"dtype": compute_dtype, "device_map": {"": 0 if device == "cuda" else "cpu"}}
+    # Under torchrun each DDP rank loads its own copy onto its own GPU.
+    target = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else "cpu"
+    kwargs: dict = {"dtype": compute_dtype, "device_map": {"": target}}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quant is not None:

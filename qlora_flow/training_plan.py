@@ -72,9 +72,20 @@ def plan_training(
     packing: str = "auto",
     memory_budget_gib: float | None = None,
     quantized: bool = True,
+    world_size: int = 1,
 ) -> TrainingPlan:
-    """Pick the fastest profile that fits: no checkpointing and bigger micro-batches when memory allows."""
+    """Pick the fastest profile that fits: no checkpointing and bigger micro-batches when memory allows.
+
+    batch_size x grad_accum is the global batch (examples per optimizer step) whatever the GPU count, so
+    adding GPUs under DDP speeds a run up without changing what it learns; each GPU takes 1/world_size.
+    """
     global_batch = batch_size * grad_accum
+    if global_batch % world_size:
+        raise ValueError(
+            f"training.per_device_batch_size x gradient_accumulation_steps = {global_batch} examples per step "
+            f"cannot be split evenly over {world_size} GPUs; make it a multiple of {world_size}"
+        )
+    rank_batch = global_batch // world_size
     if device != "cuda":
         # CPUs have the memory; recomputation and packing kernels only cost time there.
         return TrainingPlan(
@@ -93,7 +104,7 @@ def plan_training(
     best: tuple[float, TrainingPlan] | None = None
     # Every micro-batch that divides the global batch, with and without checkpointing: keep the
     # fastest by the step-time model among those whose estimated peak fits the budget.
-    for micro in (d for d in range(1, global_batch + 1) if global_batch % d == 0):
+    for micro in (d for d in range(1, rank_batch + 1) if rank_batch % d == 0):
         tokens = micro * max_seq_length
         for ckpt in modes:
             peak = estimate_peak_gib(shape, tokens, ckpt, quantized)
@@ -102,9 +113,9 @@ def plan_training(
             speed = tokens / (tokens * (_CHECKPOINTING_SLOWDOWN if ckpt else 1.0) + _FIXED_COST_TOKENS)
             if best is None or speed > best[0]:
                 reason = f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}: ~{peak:.0f} GiB of {budget:.0f}"
-                best = (speed, TrainingPlan(use_packing, ckpt, micro, global_batch // micro, attn, round(peak, 1), reason))
+                best = (speed, TrainingPlan(use_packing, ckpt, micro, rank_batch // micro, attn, round(peak, 1), reason))
     if best is not None:
         return best[1]
-    return TrainingPlan(use_packing, True, 1, global_batch, "flex_attention" if use_packing else "sdpa",
+    return TrainingPlan(use_packing, True, 1, rank_batch, "flex_attention" if use_packing else "sdpa",
                         round(estimate_peak_gib(shape, max_seq_length, True, quantized), 1),
                         "smallest profile; may exceed the budget")  # fmt: skip

@@ -101,7 +101,7 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
     if base.device == "cuda" and budget is None:
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
         budget = free / 2**30
     t = cfg.training
     return plan_training(
@@ -114,6 +114,7 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
         packing=t.packing,
         memory_budget_gib=budget,
         quantized=base.nf4_uri is not None,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
 
 
@@ -135,6 +136,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     rank = int(os.environ.get("RANK", "0"))
 
     device = base.device
+    if device == "cuda":  # under torchrun: this rank's GPU becomes the default "cuda" device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
     full_dir = store.fetch(store.key_of(base.full_precision_uri))
     tokenizer = load_tokenizer(full_dir)

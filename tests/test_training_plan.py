@@ -52,3 +52,15 @@ def test_cpu_keeps_the_configured_batch_and_no_checkpointing():
 def test_forced_settings_win():
     plan = _plan(139, checkpointing="on", packing="off")
     assert plan.gradient_checkpointing and not plan.packing and plan.attn_implementation == "sdpa"
+
+
+def test_ddp_splits_the_global_batch_over_gpus():
+    """Adding GPUs must not change what a step learns: each of the 2 GPUs takes half of the 16 examples."""
+    one, two = _plan(139), _plan(139, world_size=2)
+    assert one.per_device_batch_size * one.gradient_accumulation_steps == 16
+    assert two.per_device_batch_size * two.gradient_accumulation_steps * 2 == 16
+
+
+def test_a_global_batch_that_does_not_split_over_the_gpus_is_refused():
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 GPUs"):
+        _plan(139, world_size=3)

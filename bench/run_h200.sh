@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU measurements behind the README's performance section, as run on the lent H200 machines.
+#   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
+#   bash bench/run_h200.sh scaling    # 2 GPUs: two trainings side by side | DDP on W2
+#   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 on GPU 1), DDP
+# Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
+set -u
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PREFECT_HOME=/tmp/prefect-home
+python3 -c "import prefect, pandera, trl, bitsandbytes, flows.sweep, tasks.merge; print('imports ok')" 2>&1 | tail -3
+nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
+ROOT=/tmp/bench-models
+build() { CUDA_VISIBLE_DEVICES=0 python3 bench/train_gpu.py --shape llama3-8b --build-only --root $ROOT; }
+train() {  # GPUS WORKLOADS PROFILES FILE
+  CUDA_VISIBLE_DEVICES=$1 python3 bench/train_gpu.py --shape llama3-8b --workloads "$2" --profiles "$3" \
+    --steps 6 --warmup 2 --root $ROOT > "$OUT/$4" 2> "$OUT/$4.err"
+}
+case "${1:-}" in
+  variants)
+    (build > "$OUT/build.jsonl" 2>&1; train 0 W1 ours,ours+liger,ours+compile,ours+nodrop,ours+prof w1-variants.jsonl) &
+    (CUDA_VISIBLE_DEVICES=1 python3 bench/merge_memory.py --shape llama3-8b --device cuda --root /tmp/merge-bench \
+      > "$OUT/merge-8b.jsonl" 2> "$OUT/merge-8b.err") &
+    wait ;;
+  scaling)
+    python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 200 > "$OUT/sweep.json" 2> "$OUT/sweep.err"
+    build > "$OUT/build.jsonl" 2>&1
+    train 0,1 W2 ours,ours+ddp w2-ddp.jsonl ;;
+  final)
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W1 baseline,ours,budget40,lowmem w1-final.jsonl &
+    train 1 W2 baseline,ours w2-final.jsonl &
+    wait
+    train 0,1 W2 ours,ours+ddp w2-ddp.jsonl ;;
+  *) echo "usage: $0 variants|scaling|final"; exit 2 ;;
+esac
+tail -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

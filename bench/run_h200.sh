@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's performance section, as run on the lent H200 machines.
 #   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
-#   bash bench/run_h200.sh scaling    # 2 GPUs: two trainings side by side | DDP on W2
-#   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 on GPU 1), DDP
+#   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 + merge on GPU 1), DDP
+#   bash bench/run_h200.sh sweep      # 2 GPUs: one training vs two side by side (GpuTaskRunner)
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -24,16 +24,14 @@ case "${1:-}" in
     (CUDA_VISIBLE_DEVICES=1 python3 bench/merge_memory.py --shape llama3-8b --device cuda --root /tmp/merge-bench \
       --min-top1-agreement 0.9 > "$OUT/merge-8b.jsonl" 2> "$OUT/merge-8b.err") &
     wait ;;
-  scaling)
-    python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 200 > "$OUT/sweep.json" 2> "$OUT/sweep.err"
-    build > "$OUT/build.jsonl" 2>&1
-    train 0,1 W2 ours,ours+ddp w2-ddp.jsonl ;;
+  sweep)
+    python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 200 > "$OUT/sweep.json" 2> "$OUT/sweep.err" ;;
   final)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 baseline,ours,budget40,lowmem w1-final.jsonl &
     train 1 W2 baseline,ours w2-final.jsonl &
     wait
-    train 0,1 W2 ours,ours+ddp w2-ddp.jsonl ;;
+    train 0,1 W2 ours+ddp w2-ddp.jsonl ;;
   *) echo "usage: $0 variants|scaling|final"; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

@@ -11,10 +11,11 @@ change speed or memory, so random weights of the named architecture stand in for
 Baseline = the original example's settings with its bugs fixed: NF4 + double quantization, bf16,
 gradient checkpointing, batch 4 x grad-accum 4, LoRA r=16 on all seven projections, padding to the
 longest sequence in the batch, no packing. "ours" = what `qlora_flow.training_plan.plan_training`
-picks for this GPU (the same function the training stage calls).
+picks for this GPU (the same function the training stage calls), with the stage's defaults: packing,
+per-layer torch.compile, checkpointing and micro-batch chosen from the memory budget.
 
 A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE kernels through TRL),
-`compile` (torch.compile of each decoder layer), `nodrop` (LoRA dropout 0: shows dropout's share of the
+`compile` / `nocompile` (force torch.compile of each decoder layer on / off), `nodrop` (LoRA dropout 0: shows dropout's share of the
 step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
 
@@ -47,7 +48,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
-MODIFIERS = {"liger", "compile", "nodrop", "ddp", "prof"}
+MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -108,7 +109,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
     model_shape = ModelShape(params, h, layers, vocab)
     if profile == "baseline":
-        return dict(packing=False, gradient_checkpointing=True, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
+        return dict(packing=False, gradient_checkpointing=True, compile=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
                     plan="baseline recipe", params=params, max_length=None)  # fmt: skip
     budget = {"ours": free_gib, "budget40": 40.0, "lowmem": 7.0}[profile]
     # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
@@ -116,7 +117,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     max_length = 1024 if workload == "W1" or profile == "lowmem" else 2048
     plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
                          batch_size=4, grad_accum=4, memory_budget_gib=budget, world_size=world)  # fmt: skip
-    return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing,
+    return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile_layers,
                 batch=plan.per_device_batch_size, accum=plan.gradient_accumulation_steps,
                 attn=plan.attn_implementation, budget_gib=None if profile == "ours" else budget,
                 plan=plan.reason, params=params, max_length=max_length)  # fmt: skip
@@ -192,7 +193,8 @@ def run_one(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer")
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[Timer()])  # fmt: skip
-    compiled_layers = compile_decoder_layers(trainer.model) if "compile" in modifiers else 0
+    compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
+    compiled_layers = compile_decoder_layers(trainer.model) if compile_layers else 0
     torch.cuda.reset_peak_memory_stats()
     if profiler is not None:
         profiler.start()
@@ -247,7 +249,8 @@ def _child_command(args, workload: str, profile: str) -> list[str]:
 
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}"]
         return [sys.executable, *launcher, *script]
-    return [sys.executable, *script]
+    # One process seeing several GPUs would make the Trainer use nn.DataParallel: pin it to the first.
+    return ["env", f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}", sys.executable, *script]
 
 
 def main() -> None:

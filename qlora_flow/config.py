@@ -92,6 +92,9 @@ class TrainingConfig(_Section):
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Padding-free packing without cross-example attention; auto: on for CUDA GPUs."
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile each decoder layer; auto: on for CUDA GPUs (1.29x on an H200, 8B)."
+    )
     assistant_only_loss: bool = True
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     logging_steps: int = Field(5, ge=1)

@@ -42,8 +42,8 @@ from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training
 log = logging.getLogger(__name__)
 
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
-# Settings that do not change the trained weights stay out of the fingerprint.
-_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps"}
+# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint.
+_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps", "compile"}
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
@@ -115,6 +115,7 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
         memory_budget_gib=budget,
         quantized=base.nf4_uri is not None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        compile_layers=t.compile,
     )
 
 
@@ -227,6 +228,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         peft_config=peft_config,
         callbacks=[CheckpointCommitter(), ProgressReporter()],
     )
+    if plan.compile_layers:
+        from qlora_flow.speedups import compile_decoder_layers
+
+        compile_decoder_layers(trainer.model)
     trainable_params = [p for p in trainer.model.parameters() if p.requires_grad]
     if compute_dtype == torch.float32:
         # TRL casts QLoRA adapters to bf16 unconditionally; on CPUs without fast bf16 that makes every

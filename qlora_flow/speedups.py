@@ -17,10 +17,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def compile_decoder_layers(model: nn.Module) -> int:
     """torch.compile each decoder layer in place (one graph, reused by every layer); returns how many.
 
-    Per layer rather than the whole model: the blocks are identical, so compilation is paid once, and
-    the embedding, loss and trainer code stay eager. Compilation itself happens on the first step.
+    Per layer rather than the whole model: the embedding, loss and trainer code stay eager. Shapes are
+    left to automatic dynamic: packed micro-batches change length from step to step, and a static
+    compile (dynamic=False) recompiled on every new length (seen on the GPU); this way each layer
+    compiles once for the first length and once more, shape-generic, at the first change.
     """
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile()
     return len(layers)

@@ -1,0 +1,52 @@
+"""Per-layer torch.compile: same numbers as eager, and packed batches of changing length do not
+recompile per batch (measured on the GPU: a static-shape compile recompiled on every new packed length)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_flow.speedups import compile_decoder_layers, decoder_layers
+
+
+def _peft_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    lora = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+def test_finds_the_decoder_layers_inside_a_peft_model():
+    model = _peft_model()
+    layers = decoder_layers(model)
+    assert len(layers) == 3 and type(layers[0]).__name__ == "LlamaDecoderLayer"
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager_and_compile_at_most_twice_over_changing_lengths():
+    model = _peft_model()
+    batches = [torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n)) for n in (16, 24, 40, 56)]
+    eager = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        eager.append((loss.item(), model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad.clone()))
+        model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_decoder_layers(model) == 3
+    graphs = []
+    for ids, (eager_loss, eager_grad) in zip(batches, eager):
+        loss = model(input_ids=ids, labels=ids).loss
+        graphs.append(counters["stats"]["unique_graphs"])
+        loss.backward()
+        grad = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad
+        assert loss.item() == pytest.approx(eager_loss, abs=1e-5)
+        torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-4)
+        model.zero_grad()
+    # a static graph per layer for the first length, a dynamic-shape one at the second, then no more
+    assert graphs[0] <= 3 and graphs[1] == graphs[2] == graphs[3] <= 6

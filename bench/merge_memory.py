@@ -145,7 +145,8 @@ def run_child(args) -> dict:
 
     refs = json.loads(sys.stdin.read())
     cfg = PipelineConfig.model_validate({
-        "merge": {"verify": args.verify, "verify_prompts": args.prompts, "min_top1_agreement": args.min_top1_agreement},
+        "merge": {"verify": args.verify, "verify_prompts": args.prompts, "min_top1_agreement": args.min_top1_agreement,
+                  "verify_dtype": args.verify_dtype},
         "evaluation": {"max_new_tokens": args.max_new_tokens},
         "execution": {"store": args.root, "device": args.device},
     })  # fmt: skip
@@ -170,7 +171,8 @@ def run_child(args) -> dict:
 
 def key_numbers(verification: dict) -> dict:
     wanted = ("max_abs_logit_diff", "top1_agreement", "greedy_mismatches")
-    return {k: v for k, v in verification.items() if k.endswith(wanted) or k in ("verified", "float32_fallback_reason")}
+    kept = ("verified", "compute_dtype", "float32_fallback_reason")
+    return {k: v for k, v in verification.items() if k.endswith(wanted) or k in kept}
 
 
 def main() -> None:
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--min-top1-agreement", type=float, default=MergeConfig().min_top1_agreement)
+    parser.add_argument("--verify-dtype", default=MergeConfig().verify_dtype, choices=["auto", "float32", "saved"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -199,14 +202,16 @@ def main() -> None:
 
     cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--device", args.device, "--root", args.root,
            "--verify" if args.verify else "--no-verify", "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--min-top1-agreement", str(args.min_top1_agreement)]  # fmt: skip
+           "--max-new-tokens", str(args.max_new_tokens), "--min-top1-agreement", str(args.min_top1_agreement),
+           "--verify-dtype", args.verify_dtype]  # fmt: skip
     proc = subprocess.run(cmd, input=json.dumps(refs), stdout=subprocess.PIPE, text=True, check=True)
     child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
 
     size_gib = refs["bytes_16bit"] / GIB
     result = {
         "shape": args.shape, "device": args.device, "verify": args.verify,
-        "min_top1_agreement": args.min_top1_agreement, "model_16bit_gib": round(size_gib, 3),
+        "min_top1_agreement": args.min_top1_agreement, "verify_dtype": args.verify_dtype,
+        "model_16bit_gib": round(size_gib, 3),
         "merge_wall_s": child["merge_wall_s"], "peak_rss_gib": child["peak_rss_gib"],
         "rss_over_16bit": round(child["peak_rss_gib"] / size_gib, 2), "rss_after_imports_gib": child["rss_after_imports_gib"],
         "gpu_peak_allocated_gib": child["gpu_peak_allocated_gib"], "gpu_peak_reserved_gib": child["gpu_peak_reserved_gib"],

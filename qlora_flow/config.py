@@ -134,6 +134,12 @@ class MergeConfig(_Section):
     )
     min_top1_agreement: float = Field(0.99, ge=0, le=1)
     max_shard_size: str = "2GB"
+    verify_dtype: Literal["auto", "float32", "saved"] = Field(
+        "auto",
+        description="Precision the verification computes in: float32, or the dtype the model is saved in "
+        "(memory: the model's own size, so an 8B bf16 merge needs ~16 GB, not ~32). auto: float32 when "
+        "a float32 copy fits in the free memory of the merge device with a 25% margin, else saved.",
+    )
 
 
 class S3Settings(_Section):

@@ -137,8 +137,8 @@ class MergeConfig(_Section):
     verify_dtype: Literal["auto", "float32", "saved"] = Field(
         "auto",
         description="Precision the verification computes in: float32, or the dtype the model is saved in "
-        "(memory: the model's own size, so an 8B bf16 merge needs ~16 GB, not ~32). auto: float32 when "
-        "a float32 copy fits in the free memory of the merge device with a 25% margin, else saved.",
+        "(memory: about the model's own size, so an 8B bf16 merge needs ~16 GB, not ~48). auto: float32 when "
+        "a float32 copy (plus, on the CPU, the 16-bit shards being read) fits in free memory with a 25% margin.",
     )
 
 

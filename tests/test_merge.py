@@ -164,14 +164,15 @@ def test_stop_check_on_hand_made_answers():
 
 
 def test_verification_precision_follows_free_memory(tiny_model_dir, monkeypatch):
-    """auto: float32 only when a float32 copy fits with 25% to spare, so verifying never needs more than the
-    model's saved size plus a margin."""
+    """auto: float32 only when a float32 copy (plus, on the CPU, the 16-bit shards being read) fits with 25%
+    to spare, so verifying never needs more than the model's saved size plus a margin."""
     size = merge.model_bytes(tiny_model_dir)  # bf16 on disk
     assert size > 0
-    monkeypatch.setattr(merge, "free_memory_bytes", lambda device: int(2 * size * 1.25))
-    assert merge.resolve_verify_dtype("auto", torch.bfloat16, tiny_model_dir, "cpu") == torch.float32
-    monkeypatch.setattr(merge, "free_memory_bytes", lambda device: int(2 * size * 1.25) - 1)
-    assert merge.resolve_verify_dtype("auto", torch.bfloat16, tiny_model_dir, "cpu") == torch.bfloat16
+    for device, needed in (("cpu", 3 * size), ("cuda", 2 * size)):
+        monkeypatch.setattr(merge, "free_memory_bytes", lambda device: int(needed * 1.25))
+        assert merge.resolve_verify_dtype("auto", torch.bfloat16, tiny_model_dir, device) == torch.float32
+        monkeypatch.setattr(merge, "free_memory_bytes", lambda device: int(needed * 1.25) - 1)
+        assert merge.resolve_verify_dtype("auto", torch.bfloat16, tiny_model_dir, device) == torch.bfloat16
     assert merge.resolve_verify_dtype("float32", torch.bfloat16, tiny_model_dir, "cpu") == torch.float32
     assert merge.resolve_verify_dtype("saved", torch.float32, tiny_model_dir, "cpu") == torch.float32
 

@@ -25,7 +25,7 @@ case "${1:-}" in
       --min-top1-agreement 0.9 > "$OUT/merge-8b.jsonl" 2> "$OUT/merge-8b.err") &
     wait ;;
   sweep)
-    python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 200 > "$OUT/sweep.json" 2> "$OUT/sweep.err" ;;
+    python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 100 > "$OUT/sweep.json" 2> "$OUT/sweep.err" ;;
   final)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 baseline,ours,budget40,lowmem w1-final.jsonl &

@@ -235,7 +235,7 @@ def _profiler(warmup: int):
 def _write_profile(profiler, args, step_times: list[float]) -> None:
     events = profiler.key_averages()
     cuda_us = sum(e.self_device_time_total for e in events)
-    out = Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile}.txt"
+    out = Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile.replace('+', '_')}.txt"
     recorded = step_times[args.warmup : args.warmup + 2]
     header = (f"two steps, wall {sum(recorded):.3f} s, GPU busy (sum of kernel self time) {cuda_us / 1e6:.3f} s\n\n")
     out.write_text(header + events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -407,6 +408,27 @@ def _cache_key(context, parameters) -> str:
     return "train-" + combine(store.root, key)[:32]
 
 
+def training_lock_name(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
+    return "train:" + adapter_key(training_fingerprint(cfg, data, base)).rsplit("/", 1)[-1]
+
+
+@contextmanager
+def training_lock(name: str) -> Iterator[None]:
+    """One training per adapter fingerprint at a time, across flow runs, deployments and hosts.
+
+    Two runs asking for the same adapter (a manual trigger while the schedule runs, say) would write
+    the same checkpoint directory. The second one waits here, then finds the adapter complete and
+    reuses it. A Prefect global concurrency limit of 1, held under a lease the client keeps renewing.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
@@ -417,7 +439,8 @@ def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: Prepar
         if "loss" in report:
             logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
 
-    ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
+    with training_lock(training_lock_name(cfg, data, base)):
+        ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
     update_progress_artifact(artifact_id, progress=100.0)
     return ref
 

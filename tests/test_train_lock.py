@@ -1,0 +1,75 @@
+"""Two flow runs asking for the same adapter at once: one trains, the other waits and reuses it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.train as train_module
+from qlora_flow.config import PipelineConfig
+from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def _refs(tmp_path) -> tuple[PipelineConfig, ValidatedDataset, PreparedBase]:
+    cfg = PipelineConfig.model_validate({"execution": {"store": str(tmp_path / "store"), "device": "cpu"}})
+    data = ValidatedDataset(train_uri="t", eval_uri="e", report_uri="r", n_input_rows=1, n_train=1, n_eval=1,
+                            n_rejected=0, source_format="messages", fingerprint="data-fp")  # fmt: skip
+    base = PreparedBase(model_id="m", architecture="LlamaForCausalLM", full_precision_uri="f", fingerprint="base-fp",
+                        compute_dtype="float32", device="cpu", parameters=1, footprint_bytes_16bit=2, load_seconds=0.0)  # fmt: skip
+    return cfg, data, base
+
+
+@pytest.mark.slow
+def test_same_adapter_requested_twice_at_once_trains_once(prefect_api, tmp_path, monkeypatch):
+    cfg, data, base = _refs(tmp_path)
+    done: list[AdapterRef] = []
+    running, overlap, calls = [0], [0], []
+    guard = threading.Lock()
+
+    def fake_train_adapter(cfg, store, data, base, on_line=print, on_progress=None):
+        """Like the real one: return the stored adapter if a finished one exists, else 'train' for a while."""
+        if done:
+            calls.append("reused")
+            return done[0]
+        with guard:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+        time.sleep(2.0)
+        with guard:
+            running[0] -= 1
+        calls.append("trained")
+        ref = AdapterRef(uri="a", checkpoint_uri="c", fingerprint="fp", trainable_parameters=1, steps=1, loss_history=[],
+                         tokens_seen=1, train_seconds=2.0, tokens_per_second=0.5)  # fmt: skip
+        done.append(ref)
+        return ref
+
+    monkeypatch.setattr(train_module, "train_adapter", fake_train_adapter)
+
+    @flow
+    def two_runs_at_once():
+        first = train_module.train_adapter_task.submit(cfg, data, base)
+        second = train_module.train_adapter_task.submit(cfg, data, base)
+        return first.result(), second.result()
+
+    first, second = two_runs_at_once()
+    assert overlap[0] == 1, "two trainings of the same adapter ran at the same time"
+    assert sorted(calls) == ["reused", "trained"] and first == second
+
+
+def test_different_adapters_do_not_share_a_lock(tmp_path):
+    cfg, data, base = _refs(tmp_path)
+    other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 32})})
+    assert train_module.training_lock_name(cfg, data, base) != train_module.training_lock_name(other, data, base)
+    assert train_module.training_lock_name(cfg, data, base).startswith("train:")

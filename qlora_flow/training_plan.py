@@ -96,12 +96,13 @@ def plan_training(
     rank_batch = global_batch // world_size
     if device != "cuda":
         # CPUs have the memory; recomputation and packing kernels only cost time there.
+        micro = max(d for d in range(1, min(batch_size, rank_batch) + 1) if rank_batch % d == 0)
         return TrainingPlan(
             packing=packing == "on",
             gradient_checkpointing=checkpointing == "on",
             compile_layers=compile_layers == "on",
-            per_device_batch_size=batch_size,
-            gradient_accumulation_steps=grad_accum,
+            per_device_batch_size=micro,
+            gradient_accumulation_steps=rank_batch // micro,
             attn_implementation="sdpa",
             estimated_peak_gib=0.0,
             reason="cpu: configured batch, no checkpointing",

@@ -197,3 +197,33 @@ def test_timeout_kills_the_training_child_and_says_so(setup):
     key = adapter_key(training_fingerprint(cfg, data, base))
     assert not store.is_complete(f"{key}/adapter")
     assert newest_complete_checkpoint(store, f"{key}/checkpoints") is None
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, tmp_path):
+    """The command the stage runs for execution.gpus > 1 (torchrun + `-m tasks.train`), here on the CPU with
+    gloo: rank 0 alone commits checkpoints and the adapter, and a step sees the same examples as one process."""
+    import shutil
+
+    cfg, store, data, base = setup
+    cfg.training.max_steps = 4
+    cfg.lora.dropout = 0.0  # no dropout masks, whose random draws differ per rank
+    single = train_adapter(cfg, store, data, base)
+    key = adapter_key(single.fingerprint)
+    shutil.rmtree(store.path / key)
+
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tasks.train", str(spec), str(result)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ddp = json.loads(result.read_text())
+    assert ddp["fingerprint"] == single.fingerprint and ddp["steps"] == 4
+    # the Trainer gathers token counts over ranks: 2 ranks x half the batch = the same tokens per step
+    assert ddp["tokens_seen"] == single.tokens_seen
+    assert store.is_complete(f"{key}/adapter") and newest_complete_checkpoint(store, f"{key}/checkpoints")[0] == 4
+    first_loss = [p["loss"] for p in ddp["loss_history"]][0]
+    assert first_loss == pytest.approx(single.loss_history[0].loss, rel=0.05)

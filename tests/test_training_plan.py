@@ -72,3 +72,8 @@ def test_compile_is_on_by_default_for_gpus_only_and_shrinks_the_memory_estimate(
     assert not cpu.compile_layers
     # measured at 8,192 tokens without checkpointing: 58.1 GiB compiled, 68.8 GiB eager
     assert 58.1 <= estimate_peak_gib(LLAMA3_8B, 8192, False, True, compiled=True) <= 58.1 / 0.85
+
+
+def test_cpu_ranks_split_the_global_batch_too():
+    plan = plan_training(device="cpu", shape=LLAMA3_8B, max_seq_length=512, batch_size=8, grad_accum=1, world_size=2)
+    assert (plan.per_device_batch_size, plan.gradient_accumulation_steps) == (4, 1)

@@ -3,6 +3,7 @@
 #   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 + merge on GPU 1), DDP
 #   bash bench/run_h200.sh sweep      # 2 GPUs: one training vs two side by side (GpuTaskRunner)
+#   bash bench/run_h200.sh lowmem     # 1 GPU: candidates for a <= 7 GiB profile at baseline speed
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -32,6 +33,10 @@ case "${1:-}" in
     train 1 W2 baseline,ours w2-final.jsonl &
     wait
     train 0,1 W2 ours+ddp w2-ddp.jsonl ;;
-  *) echo "usage: $0 variants|scaling|final"; exit 2 ;;
+  lowmem)
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W1 baseline,lowmem+micro2+ckpt+adam8bit,lowmem+micro4+ckpt+cpuembed+adam8bit,lowmem+micro2+ckpt+cpuembed+adam8bit \
+      w1-lowmem.jsonl ;;
+  *) echo "usage: $0 variants|final|sweep|lowmem"; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

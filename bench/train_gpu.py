@@ -18,6 +18,8 @@ A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE ke
 `compile` / `nocompile` (force torch.compile of each decoder layer on / off), `nodrop` (LoRA dropout 0: shows dropout's share of the
 step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
+Candidates for a <= 7 GiB profile, not yet measured: `micro<N>` (N rows per micro-batch), `ckpt`
+(force checkpointing), `cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import statistics
 import subprocess
@@ -48,7 +51,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
-MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof"}
+MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -125,7 +128,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
 
 def split_profile(profile: str) -> tuple[str, set[str]]:
     name, *modifiers = profile.split("+")
-    unknown = set(modifiers) - MODIFIERS
+    unknown = {m for m in modifiers if m not in MODIFIERS and not re.fullmatch(r"micro\d+", m)}
     if unknown:
         raise SystemExit(f"unknown profile modifier(s) {sorted(unknown)}; known: {sorted(MODIFIERS)}")
     return name, set(modifiers)
@@ -135,7 +138,7 @@ def run_one(args) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from qlora_flow.speedups import compile_decoder_layers
@@ -148,10 +151,21 @@ def run_one(args) -> dict:
     settings = profile_settings(name, args.shape, free / 2**30, args.workload, world)
     if settings["budget_gib"]:
         torch.cuda.set_per_process_memory_fraction(settings["budget_gib"] * 2**30 / total)
-    nf4 = Path(args.root) / args.shape / "nf4"
-    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
-                                                 attn_implementation=settings["attn"])  # fmt: skip
     global_batch = settings["batch"] * settings["accum"] * world
+    for m in modifiers:  # micro<N>: force N rows per micro-batch at the same global batch
+        if m.startswith("micro"):
+            settings["batch"], settings["accum"] = int(m[5:]), global_batch // (int(m[5:]) * world)
+    if "ckpt" in modifiers:
+        settings["gradient_checkpointing"] = True
+    nf4 = Path(args.root) / args.shape / "nf4"
+    device_map: dict = {"": local_rank}
+    load_kwargs: dict = {}
+    if "cpuembed" in modifiers:
+        # The 128k x 4,096 input embedding (1 GiB in bf16) is a frozen lookup: keep it in CPU memory.
+        device_map = {"model.embed_tokens": "cpu", "": local_rank}
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True)
+    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map=device_map,
+                                                 attn_implementation=settings["attn"], **load_kwargs)  # fmt: skip
     steps = args.warmup + args.steps
     vocab = SHAPES[args.shape]["vocab_size"]
     # Packing fills rows up to 2,048 tokens, so it needs fewer rows: give every profile the same examples.
@@ -186,6 +200,7 @@ def run_one(args) -> dict:
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
         use_liger_kernel="liger" in modifiers, ddp_find_unused_parameters=False if world > 1 else None,
+        **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
     )  # fmt: skip
     dropout = 0.0 if "nodrop" in modifiers else 0.05
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")

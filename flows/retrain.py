@@ -1,10 +1,12 @@
-"""Scheduled, incremental retraining: run the pipeline only when the data or the base model changed.
+"""Scheduled, incremental retraining: run the pipeline only when the data, the base model or the training
+settings changed.
 
 The production alias (`models/<name>/<alias>.json`) names the run it serves; that run's manifest
-records the data and base fingerprints it was trained on. The current fingerprints come from the
-same content-addressed stage functions the pipeline uses, so an unchanged input costs one hash
-pass and a cache lookup, and a changed one leaves its validated data and prepared base cached for
-the training that follows.
+records the data, base and recipe (LoRA + training + quantization settings) fingerprints it was
+trained on; manifests written before recipes were recorded are compared on data and base only.
+The current fingerprints come from the same content-addressed stage functions the pipeline uses,
+so an unchanged input costs one hash pass and a cache lookup, and a changed one leaves its
+validated data and prepared base cached for the training that follows.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from flows.pipeline import PipelineResult, qlora_pipeline
 from qlora_flow.config import PipelineConfig, check_local_inputs
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.publish import MANIFEST_NAME, alias_key, run_key
+from tasks.train import recipe_fingerprint
 
 
 class Fingerprints(BaseModel):
     data: str
     base: str
+    recipe: str | None = None
 
 
 class RetrainDecision(BaseModel):
@@ -39,7 +43,11 @@ def production_fingerprints(store: ArtifactStore, model_name: str, alias: str) -
         return None
     run_id = document["run_id"]
     lineage = store.read_json(f"{run_key(run_id)}/{MANIFEST_NAME}")["lineage"]
-    return run_id, Fingerprints(data=lineage["data"]["fingerprint"], base=lineage["base_model"]["fingerprint"])
+    return run_id, Fingerprints(
+        data=lineage["data"]["fingerprint"],
+        base=lineage["base_model"]["fingerprint"],
+        recipe=lineage.get("recipe", {}).get("fingerprint"),
+    )
 
 
 @task(name="current-fingerprints")
@@ -51,7 +59,7 @@ def current_fingerprints(cfg: PipelineConfig) -> Fingerprints:
     store = open_store(cfg.execution)
     data = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
     base = prepare_base_model(cfg, store)
-    return Fingerprints(data=data.fingerprint, base=base.fingerprint)
+    return Fingerprints(data=data.fingerprint, base=base.fingerprint, recipe=recipe_fingerprint(cfg))
 
 
 def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
@@ -60,11 +68,16 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
     if production is None:
         return RetrainDecision(retrain=True, reason=f"no {name}:{alias} model yet", current=current)
     run_id, trained_on = production
-    changed = [part for part in ("data", "base") if getattr(current, part) != getattr(trained_on, part)]
+    labels = {"data": "data", "base": "base", "recipe": "training settings"}
+    changed = [
+        labels[part]
+        for part in ("data", "base", "recipe")
+        if getattr(trained_on, part) is not None and getattr(current, part) != getattr(trained_on, part)
+    ]
     reason = (
         f"{' and '.join(changed)} changed since {name}:{alias} (run {run_id}) was trained"
         if changed
-        else f"data and base model unchanged since {name}:{alias} (run {run_id}); nothing to retrain"
+        else f"data, base model and training settings unchanged since {name}:{alias} (run {run_id}); nothing to retrain"
     )
     return RetrainDecision(
         retrain=bool(changed), reason=reason, current=current, production_run=run_id, production=trained_on
@@ -73,7 +86,7 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
 
 @flow(name="qlora-retrain", log_prints=True)
 def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
-    """Retrain and publish when the data or the base model differ from what production was trained on."""
+    """Retrain and publish when the data, base model or training settings differ from production's."""
     logger = get_run_logger()
     check_local_inputs(config)
     decision = decide(config, current_fingerprints(config))

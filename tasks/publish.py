@@ -29,6 +29,7 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, library_versions
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
+from tasks.train import recipe_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def build_manifest(
             },
             "base_model": {"id": base.model_id, "fingerprint": base.fingerprint, "compute_dtype": base.compute_dtype},
             "adapter": {"fingerprint": adapter.fingerprint, "steps": adapter.steps, "tokens_seen": adapter.tokens_seen},
+            "recipe": {"fingerprint": recipe_fingerprint(cfg)},
             "merged": {"fingerprint": merged.fingerprint, "dtype": merged.dtype, "verification": merged.verification},
             "config": redact(cfg.model_dump(mode="json")),
             "library_versions": library_versions(),

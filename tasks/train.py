@@ -47,6 +47,12 @@ PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
 _NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps", "compile"}
 
 
+def recipe_fingerprint(cfg: PipelineConfig) -> str:
+    """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
+    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
+    return combine("recipe", cfg.lora, training, cfg.quantization)
+
+
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
     training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
     return combine(

@@ -13,6 +13,7 @@ from qlora_flow.config import load_config
 from qlora_flow.pull import pull_model
 from qlora_flow.store import LocalStore
 from tasks.publish import PublishError, publish_run, redact
+from tasks.train import recipe_fingerprint
 
 
 @pytest.fixture
@@ -72,6 +73,7 @@ def test_publish_layout_manifest_and_alias(s3env, s3_cfg, tmp_path):
     lineage = manifest["lineage"]
     assert lineage["data"]["fingerprint"] == "data-0"
     assert lineage["base_model"] == {"id": "tiny-llama", "fingerprint": "base-fp", "compute_dtype": "float32"}
+    assert lineage["recipe"]["fingerprint"] == recipe_fingerprint(cfg)
     assert lineage["config"]["publish"]["model_name"] == "extractor"
     assert lineage["config"]["evaluation"]["max_new_tokens"] == 128
     assert lineage["config"]["execution"]["s3"]["endpoint_url"] == s3env.proxy.url

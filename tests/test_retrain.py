@@ -12,11 +12,10 @@ from tasks.publish import alias_key
 def _publish_fake_production(cfg, fingerprints: Fingerprints, run_id: str = "prod-run-1") -> None:
     """The two documents retraining reads: the alias and the lineage part of the run's manifest."""
     store = open_store(cfg.execution)
-    store.write_json(
-        f"runs/{run_id}/manifest.json",
-        {"run_id": run_id, "lineage": {"data": {"fingerprint": fingerprints.data},
-                                       "base_model": {"fingerprint": fingerprints.base}}},
-    )  # fmt: skip
+    lineage = {"data": {"fingerprint": fingerprints.data}, "base_model": {"fingerprint": fingerprints.base}}
+    if fingerprints.recipe is not None:
+        lineage["recipe"] = {"fingerprint": fingerprints.recipe}
+    store.write_json(f"runs/{run_id}/manifest.json", {"run_id": run_id, "lineage": lineage})
     store.swap_alias(alias_key(cfg.publish.model_name, cfg.publish.alias), {"run_id": run_id}, None)
 
 
@@ -51,5 +50,28 @@ def test_changed_data_or_base_triggers_retraining(tiny_config, chat_jsonl):
     decision = decide(tiny_config, changed)
     assert decision.retrain and decision.reason.startswith("data changed since demo-extractor:production")
 
-    decision = decide(tiny_config, Fingerprints(data=current.data, base="another-base"))
+    decision = decide(tiny_config, current.model_copy(update={"base": "another-base"}))
     assert decision.retrain and decision.reason.startswith("base changed")
+
+
+def test_changed_training_settings_trigger_retraining(tiny_config):
+    current = current_fingerprints.fn(tiny_config)
+    _publish_fake_production(tiny_config, current)
+    assert not decide(tiny_config, current).retrain
+
+    bigger_rank = tiny_config.model_copy(deep=True)
+    bigger_rank.lora.r = 8
+    changed = current_fingerprints.fn(bigger_rank)
+    assert (changed.data, changed.base) == (current.data, current.base) and changed.recipe != current.recipe
+    decision = decide(bigger_rank, changed)
+    assert decision.retrain and decision.reason.startswith("training settings changed since demo-extractor:production")
+
+    cosmetic = tiny_config.model_copy(deep=True)
+    cosmetic.training.logging_steps = 7  # does not change the weights
+    assert not decide(cosmetic, current_fingerprints.fn(cosmetic)).retrain
+
+
+def test_production_without_a_recorded_recipe_compares_data_and_base_only(tiny_config):
+    current = current_fingerprints.fn(tiny_config)
+    _publish_fake_production(tiny_config, current.model_copy(update={"recipe": None}))
+    assert not decide(tiny_config, current.model_copy(update={"recipe": "anything"})).retrain

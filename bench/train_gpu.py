@@ -58,7 +58,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build_model_dirs(shape: str, root: Path) -> dict:
     """Random 16-bit checkpoint, then its NF4 checkpoint; returns the quantize and NF4-load times."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     full, nf4 = root / shape / "full", root / shape / "nf4"
     timings = {}

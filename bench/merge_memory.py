@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.train_gpu import SHAPES  # noqa: E402
+from bench.train_gpu import SHAPES, random_model  # noqa: E402
 from qlora_flow.config import ALL_PROJECTIONS, MergeConfig, PipelineConfig  # noqa: E402
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset  # noqa: E402
 from qlora_flow.store import LocalStore  # noqa: E402
@@ -52,18 +52,11 @@ def build_models(store: LocalStore, shape: str) -> None:
     """Random bf16 base (built on the GPU when there is one) and a random LoRA adapter on it, one model in memory."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
     base_key, adapter_key, _ = keys(shape)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = LlamaConfig(
-        # the vocabulary must hold every id the tokenizer can produce ("tiny" has 1,024, the tokenizer 49,152)
-        **{**SHAPES[shape], "vocab_size": max(SHAPES[shape]["vocab_size"], len(tokenizer))},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = random_model(shape, tokenizer)
     model.save_pretrained(store.workdir(base_key), max_shard_size="5GB")
     tokenizer.save_pretrained(store.workdir(base_key))
     store.commit(base_key)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -31,21 +30,14 @@ TOKENIZER = Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer"
 
 def random_model_dir(shape: str, root: Path) -> Path:
     """A bf16 checkpoint of the named shape with random weights, plus the test tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from transformers import AutoTokenizer
 
-    from bench.train_gpu import SHAPES
+    from bench.train_gpu import random_model
 
     out = root / f"random-{shape}"
-    vocab = max(SHAPES[shape]["vocab_size"], len(AutoTokenizer.from_pretrained(TOKENIZER)))
-    config = LlamaConfig(**{**SHAPES[shape], "vocab_size": vocab}, dtype="bfloat16")
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    for file in TOKENIZER.iterdir():
-        shutil.copy(file, out / file.name)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    random_model(shape, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

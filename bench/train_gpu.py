@@ -55,17 +55,31 @@ MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def random_model(shape: str, tokenizer=None):
+    """A bf16 Llama of the named shape with random weights, built on the GPU when there is one. With a
+    tokenizer, the vocabulary holds every id it can produce ("tiny" has 1,024, the test tokenizer 49,152)
+    and its special tokens are set."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    settings = dict(SHAPES[shape])
+    if tokenizer is not None:
+        settings.update(vocab_size=max(settings["vocab_size"], len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**settings), dtype=torch.bfloat16)
+
+
 def build_model_dirs(shape: str, root: Path) -> dict:
     """Random 16-bit checkpoint, then its NF4 checkpoint; returns the quantize and NF4-load times."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     full, nf4 = root / shape / "full", root / shape / "nf4"
     timings = {}
     if not (full / "config.json").exists():
-        config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = random_model(shape)
         model.save_pretrained(full)
         del model
     if not (nf4 / "config.json").exists():

@@ -8,9 +8,9 @@ Memory: transformers 5 builds the model on the meta device and fills it shard by
 the float32 LoRA delta in place, one layer at a time, so the merge itself needs about the base's
 16-bit size. Verification loads one model at a time (reference, then the saved merge) in
 `merge.verify_dtype`: float32 when a float32 copy fits in free memory (auto), else the saved dtype, so
-the stage never needs more than the 16-bit size plus a margin (measured: 1.18x on an H200 host for
-the Llama-3-8B shape; see README). On a GPU (base.device == "cuda") the weights load straight into
-GPU memory and CPU RAM holds about one shard.
+the stage never needs more than the 16-bit size plus a margin (CPU RSS measured at 1.34x for a 1B model
+verified in bf16; see README). On a GPU (base.device == "cuda") the weights load straight into GPU
+memory and CPU RAM holds about one shard (1.18x for the Llama-3-8B shape on an H200 host).
 
 Verification, on the first `merge.verify_prompts` eval prompts, against the reference
 "adapter on the 16-bit base, unmerged":

@@ -54,10 +54,8 @@ def recipe_fingerprint(cfg: PipelineConfig) -> str:
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
-    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
     return combine(
-        "adapter", data.fingerprint, base.fingerprint, cfg.lora,
-        training,
+        "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg),
         code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
         library_versions(),
     )

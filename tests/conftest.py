@@ -108,3 +108,21 @@ def tiny_config(tmp_path, tiny_model_dir, chat_jsonl):
             "execution.isolate_gpu_stages": False,
         },
     )
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server for the tests of one module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # the temporary server's telemetry heartbeat only adds sqlite lock noise to test output
+    previous = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    try:
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED")
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = previous

@@ -15,28 +15,12 @@ from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
-from prefect.testing.utilities import prefect_test_harness
 from s3server import ACCESS_KEY, SECRET_KEY, moto_server, s3env, stage_run  # noqa: F401  (fixtures)
 
 import tasks.publish as publish_module
 from qlora_flow.config import load_config
 from qlora_flow.store import open_store
 from tasks.publish import publish_task
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    # the temporary server's telemetry heartbeat only adds sqlite lock noise to test output
-    previous = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    try:
-        with prefect_test_harness(server_startup_timeout=60):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED")
-        else:
-            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = previous
 
 
 @pytest.fixture

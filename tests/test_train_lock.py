@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 from prefect import flow
-from prefect.testing.utilities import prefect_test_harness
 
 import tasks.train as train_module
 from qlora_flow.config import PipelineConfig
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def _refs(tmp_path) -> tuple[PipelineConfig, ValidatedDataset, PreparedBase]:

@@ -4,6 +4,7 @@
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 + merge on GPU 1), DDP
 #   bash bench/run_h200.sh sweep      # 2 GPUs: one training vs two side by side (GpuTaskRunner)
 #   bash bench/run_h200.sh lowmem     # 1 GPU: candidates for a <= 7 GiB profile at baseline speed
+#   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours, with and without compile
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -35,8 +36,11 @@ case "${1:-}" in
     train 0,1 W2 ours+ddp w2-ddp.jsonl ;;
   lowmem)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W1 baseline,lowmem+micro2+ckpt+adam8bit,lowmem+micro4+ckpt+cpuembed+adam8bit,lowmem+micro2+ckpt+cpuembed+adam8bit \
+    train 0 W1 baseline,lowmem+micro4+ckpt+cpuembed+adam8bit,lowmem+micro4+ckpt+offload+cpuembed,lowmem+micro8+ckpt+offload+cpuembed+adam8bit \
       w1-lowmem.jsonl ;;
-  *) echo "usage: $0 variants|final|sweep|lowmem"; exit 2 ;;
+  w2)
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W2 baseline,ours,ours+nocompile w2-single.jsonl ;;
+  *) echo "usage: $0 variants|final|sweep|lowmem|w2"; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

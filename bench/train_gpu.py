@@ -18,8 +18,9 @@ A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE ke
 `compile` / `nocompile` (force torch.compile of each decoder layer on / off), `nodrop` (LoRA dropout 0: shows dropout's share of the
 step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
-Candidates for a <= 7 GiB profile, not yet measured: `micro<N>` (N rows per micro-batch), `ckpt`
-(force checkpointing), `cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW).
+Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` (force checkpointing),
+`cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (TRL's activation
+offloading: tensors saved for backward wait in pinned CPU memory).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -51,7 +52,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
-MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit"}
+MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit", "offload"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -213,7 +214,7 @@ def run_one(args) -> dict:
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
-        use_liger_kernel="liger" in modifiers, ddp_find_unused_parameters=False if world > 1 else None,
+        use_liger_kernel="liger" in modifiers, activation_offloading="offload" in modifiers, ddp_find_unused_parameters=False if world > 1 else None,
         **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
     )  # fmt: skip
     dropout = 0.0 if "nodrop" in modifiers else 0.05

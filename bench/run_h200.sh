@@ -4,7 +4,7 @@
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 + merge on GPU 1), DDP
 #   bash bench/run_h200.sh sweep      # 2 GPUs: one training vs two side by side (GpuTaskRunner)
 #   bash bench/run_h200.sh lowmem     # 1 GPU: candidates for a <= 7 GiB profile at baseline speed
-#   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours, with and without compile
+#   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -36,11 +36,15 @@ case "${1:-}" in
     train 0,1 W2 ours+ddp w2-ddp.jsonl ;;
   lowmem)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W1 baseline,lowmem+micro4+ckpt+cpuembed+adam8bit,lowmem+micro4+ckpt+offload+cpuembed,lowmem+micro8+ckpt+offload+cpuembed+adam8bit \
-      w1-lowmem.jsonl ;;
+    # The planner's own 7 GiB choice (micro-batch 4, checkpointing, offload). Its candidates are in
+    # bench/results/h200-llama3-8b-run6-lowmem.jsonl; micro-batch 4 without offload, or 8 with it, ran out of memory.
+    train 0 W1 baseline,lowmem w1-lowmem.jsonl ;;
   w2)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W2 baseline,ours,ours+nocompile w2-single.jsonl ;;
-  *) echo "usage: $0 variants|final|sweep|lowmem|w2"; exit 2 ;;
+    train 0 W2 baseline,ours w2-single.jsonl ;;
+  single)  # what one H200 can measure of `final` and `lowmem`, in one call
+    build > "$OUT/build.jsonl" 2>&1
+    bash "$0" lowmem; bash "$0" w2 ;;
+  *) echo "usage: $0 variants|final|sweep|lowmem|w2|single"; exit 2 ;;
 esac
-tail -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400
+tail -q -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

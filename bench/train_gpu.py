@@ -20,7 +20,8 @@ step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-ac
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
 Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` (force checkpointing),
 `cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (TRL's activation
-offloading: tensors saved for backward wait in pinned CPU memory).
+offloading: tensors saved for backward wait in pinned CPU memory). The planner itself picks the last two
+together when nothing else fits the budget (the `lowmem` profile).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -125,9 +126,9 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     inter, kv = cfg["intermediate_size"], cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
-    model_shape = ModelShape(params, h, layers, vocab)
+    model_shape = ModelShape(params, h, layers, vocab, cfg.get("tie_word_embeddings", False))
     if profile == "baseline":
-        return dict(packing=False, gradient_checkpointing=True, compile=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
+        return dict(packing=False, gradient_checkpointing=True, compile=False, offload=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
                     plan="baseline recipe", params=params, max_length=None)  # fmt: skip
     budget = {"ours": free_gib, "budget40": 40.0, "lowmem": 7.0}[profile]
     # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
@@ -136,6 +137,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
                          batch_size=4, grad_accum=4, memory_budget_gib=budget, world_size=world)  # fmt: skip
     return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile_layers,
+                offload=plan.offload,
                 batch=plan.per_device_batch_size, accum=plan.gradient_accumulation_steps,
                 attn=plan.attn_implementation, budget_gib=None if profile == "ours" else budget,
                 plan=plan.reason, params=params, max_length=max_length)  # fmt: skip
@@ -153,10 +155,10 @@ def run_one(args) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_flow.speedups import compile_decoder_layers
+    from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu
 
     name, modifiers = split_profile(args.profile)
     local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,14 +175,10 @@ def run_one(args) -> dict:
     if "ckpt" in modifiers:
         settings["gradient_checkpointing"] = True
     nf4 = Path(args.root) / args.shape / "nf4"
-    device_map: dict = {"": local_rank}
-    load_kwargs: dict = {}
-    if "cpuembed" in modifiers:
-        # The 128k x 4,096 input embedding (1 GiB in bf16) is a frozen lookup: keep it in CPU memory.
-        device_map = {"model.embed_tokens": "cpu", "": local_rank}
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True)
-    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map=device_map,
-                                                 attn_implementation=settings["attn"], **load_kwargs)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
+                                                 attn_implementation=settings["attn"])  # fmt: skip
+    if "cpuembed" in modifiers or settings["offload"]:
+        input_embedding_on_cpu(model)
     steps = args.warmup + args.steps
     vocab = SHAPES[args.shape]["vocab_size"]
     # Packing fills rows up to 2,048 tokens, so it needs fewer rows: give every profile the same examples.
@@ -214,7 +212,7 @@ def run_one(args) -> dict:
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
-        use_liger_kernel="liger" in modifiers, activation_offloading="offload" in modifiers, ddp_find_unused_parameters=False if world > 1 else None,
+        use_liger_kernel="liger" in modifiers, activation_offloading="offload" in modifiers or settings["offload"], ddp_find_unused_parameters=False if world > 1 else None,
         **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
     )  # fmt: skip
     dropout = 0.0 if "nodrop" in modifiers else 0.05
@@ -243,6 +241,7 @@ def run_one(args) -> dict:
         "shape": args.shape, "workload": args.workload, "profile": args.profile, "plan": settings["plan"],
         "gpus": world, "lora_dropout": dropout, "compiled_layers": compiled_layers,
         "packing": settings["packing"], "gradient_checkpointing": settings["gradient_checkpointing"],
+        "offload": settings["offload"] or "offload" in modifiers,
         "micro_batch": settings["batch"], "grad_accum": settings["accum"], "attn": settings["attn"],
         "memory_budget_gib": settings["budget_gib"], "real_tokens_per_s": round(tokens_per_s, 1),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

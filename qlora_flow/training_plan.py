@@ -19,12 +19,18 @@ _ACT_BYTES_CHECKPOINTING = 2.5
 # torch.compile of each decoder layer fuses the elementwise ops and keeps fewer intermediates:
 # 58.1 GiB instead of 68.8 at 8,192 tokens (same GPU and shape).
 _ACT_BYTES_NO_CHECKPOINTING_COMPILED = 53.0
+# Activations are the uncertain, fragmenting part of the peak (W2 on the whole H200: 110 GiB allocated,
+# 133 GiB reserved): the budget keeps 15% of them spare. Weights and fixed costs are known to ~0.2 GiB.
 _SAFETY = 0.85
 # Step-time model fitted to the same measurements: time(micro-batch) ~ tokens * (1.41 if checkpointing)
 # + a fixed cost worth ~5,100 tokens (NF4 dequantization and PEFT/bitsandbytes launch overhead per
 # micro-batch). The fixed cost is why bigger micro-batches win even when they need checkpointing.
 _CHECKPOINTING_SLOWDOWN = 1.41
 _FIXED_COST_TOKENS = 5100.0
+# Offload (input embedding and checkpointed layer inputs in CPU memory) is only planned with checkpointing.
+# Its cost is an estimate, not a fit: the copies overlap compute, and at micro-batch 4 the 8B shape ran at
+# 1.06x the baseline in 6.2 GiB (H200, run 6), where the same micro-batch without offload did not fit 7 GiB.
+_OFFLOAD_SLOWDOWN = 1.1
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class ModelShape:
     hidden_size: int
     num_layers: int
     vocab_size: int
+    tied_embeddings: bool = False  # a tied input embedding is also the LM head and must stay on the GPU
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class TrainingPlan:
     packing: bool
     gradient_checkpointing: bool
     compile_layers: bool
+    offload: bool
     per_device_batch_size: int
     gradient_accumulation_steps: int
     attn_implementation: str | None
@@ -58,14 +66,26 @@ def _weights_gib(shape: ModelShape, quantized: bool) -> float:
 
 
 def estimate_peak_gib(
-    shape: ModelShape, tokens_per_micro_batch: int, checkpointing: bool, quantized: bool, compiled: bool = False
+    shape: ModelShape,
+    tokens_per_micro_batch: int,
+    checkpointing: bool,
+    quantized: bool,
+    compiled: bool = False,
+    offload: bool = False,
+    margin: bool = False,
 ) -> float:
+    """Peak GPU memory of a training step; with `margin`, what the planner reserves for it."""
     full = _ACT_BYTES_NO_CHECKPOINTING_COMPILED if compiled else _ACT_BYTES_NO_CHECKPOINTING
-    per_token = _ACT_BYTES_CHECKPOINTING if checkpointing else full
+    # Checkpointing keeps each layer's input; offload moves those to CPU memory.
+    per_token = (0.0 if offload else _ACT_BYTES_CHECKPOINTING) if checkpointing else full
     activations = per_token * shape.num_layers * shape.hidden_size * tokens_per_micro_batch
     if checkpointing:  # one layer is recomputed with full activations during backward
         activations += full * shape.hidden_size * tokens_per_micro_batch
-    return _weights_gib(shape, quantized) + activations / 2**30 + 1.0  # + CUDA context, LoRA state, workspace
+    weights = _weights_gib(shape, quantized)
+    if offload and not shape.tied_embeddings:
+        weights -= shape.vocab_size * shape.hidden_size * 2 / 2**30
+    activations_gib = activations / 2**30 / (_SAFETY if margin else 1.0)
+    return weights + activations_gib + 1.0  # + CUDA context, LoRA state, workspace
 
 
 def plan_training(
@@ -81,6 +101,7 @@ def plan_training(
     quantized: bool = True,
     world_size: int = 1,
     compile_layers: str = "auto",
+    offload: str = "auto",
 ) -> TrainingPlan:
     """Pick the fastest profile that fits: no checkpointing and bigger micro-batches when memory allows.
 
@@ -101,6 +122,7 @@ def plan_training(
             packing=packing == "on",
             gradient_checkpointing=checkpointing == "on",
             compile_layers=compile_layers == "on",
+            offload=False,
             per_device_batch_size=micro,
             gradient_accumulation_steps=rank_batch // micro,
             attn_implementation="sdpa",
@@ -110,23 +132,33 @@ def plan_training(
     use_packing = packing != "off"
     compiled = compile_layers != "off"
     attn = "flex_attention" if use_packing else "sdpa"
-    budget = (memory_budget_gib or 80.0) * _SAFETY
+    budget = memory_budget_gib or 80.0
     modes = {"on": [True], "off": [False]}.get(checkpointing, [False, True])
+    offload_modes = {"on": [True], "off": [False]}.get(offload, [False, True])
     best: tuple[float, TrainingPlan] | None = None
-    # Every micro-batch that divides the global batch, with and without checkpointing: keep the
-    # fastest by the step-time model among those whose estimated peak fits the budget.
+    # Every micro-batch that divides the global batch, with and without checkpointing and offload: keep
+    # the fastest by the step-time model among those whose peak, with the margin, fits the budget.
     for micro in (d for d in range(1, rank_batch + 1) if rank_batch % d == 0):
         tokens = micro * max_seq_length
         for ckpt in modes:
-            peak = estimate_peak_gib(shape, tokens, ckpt, quantized, compiled)
-            if peak > budget:
-                continue
-            speed = tokens / (tokens * (_CHECKPOINTING_SLOWDOWN if ckpt else 1.0) + _FIXED_COST_TOKENS)
-            if best is None or speed > best[0]:
-                reason = f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}: ~{peak:.0f} GiB of {budget:.0f}"
-                best = (speed, TrainingPlan(use_packing, ckpt, compiled, micro, rank_batch // micro, attn, round(peak, 1), reason))
+            for off in offload_modes:
+                if off and not ckpt:
+                    continue
+                planned = estimate_peak_gib(shape, tokens, ckpt, quantized, compiled, off, margin=True)
+                if planned > budget:
+                    continue
+                cost = tokens * (_CHECKPOINTING_SLOWDOWN if ckpt else 1.0) * (_OFFLOAD_SLOWDOWN if off else 1.0)
+                speed = tokens / (cost + _FIXED_COST_TOKENS)
+                if best is None or speed > best[0]:
+                    peak = estimate_peak_gib(shape, tokens, ckpt, quantized, compiled, off)
+                    reason = (f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}"
+                              f"{', offload to CPU' if off else ''}: ~{peak:.1f} GiB (+ margin {planned - peak:.1f}) "
+                              f"of {budget:.0f}")  # fmt: skip
+                    plan = TrainingPlan(use_packing, ckpt, compiled, off, micro, rank_batch // micro, attn, round(peak, 1), reason)
+                    best = (speed, plan)
     if best is not None:
         return best[1]
-    return TrainingPlan(use_packing, True, compiled, 1, rank_batch, "flex_attention" if use_packing else "sdpa",
-                        round(estimate_peak_gib(shape, max_seq_length, True, quantized, compiled), 1),
+    smallest = offload != "off"
+    return TrainingPlan(use_packing, True, compiled, smallest, 1, rank_batch, attn,
+                        round(estimate_peak_gib(shape, max_seq_length, True, quantized, compiled, smallest), 1),
                         "smallest profile; may exceed the budget")  # fmt: skip

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
 # Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint.
-_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps", "compile"}
+_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps", "compile", "offload"}
 
 
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
@@ -101,7 +101,8 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    shape = ModelShape(base.parameters, config.hidden_size, config.num_hidden_layers, config.vocab_size)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    shape = ModelShape(base.parameters, config.hidden_size, config.num_hidden_layers, config.vocab_size, tied)
     budget = cfg.training.memory_budget_gib
     if base.device == "cuda" and budget is None:
         import torch
@@ -121,6 +122,7 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
         quantized=base.nf4_uri is not None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         compile_layers=t.compile,
+        offload=t.offload,
     )
 
 
@@ -155,6 +157,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         )
     else:
         model = load_full_precision_model(full_dir, compute_dtype, device)
+    if plan.offload:
+        from qlora_flow.speedups import input_embedding_on_cpu
+
+        input_embedding_on_cpu(model)
 
     train_ds = datasets.Dataset.from_parquet(str(store.fetch_file(data.train_uri)))
     training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
@@ -193,6 +199,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         max_length=t.max_seq_length,
         packing=plan.packing,
+        activation_offloading=plan.offload,
         assistant_only_loss=assistant_only,
         include_num_input_tokens_seen="non_padding",
         report_to="none",

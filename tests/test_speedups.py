@@ -9,15 +9,50 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_flow.speedups import compile_decoder_layers, decoder_layers
+from qlora_flow.speedups import compile_decoder_layers, decoder_layers, input_embedding_on_cpu
 
 
-def _peft_model():
+def _llama(tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)  # fmt: skip
+                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tied)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _peft_model(model: LlamaForCausalLM | None = None):
     lora = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
-    return get_peft_model(LlamaForCausalLM(config), lora)
+    return get_peft_model(model if model is not None else _llama(), lora)
+
+
+def _loss_and_grad(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grad = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad.clone()
+    model.zero_grad()
+    return loss.item(), grad
+
+
+def test_input_embedding_in_cpu_memory_gives_the_same_loss_and_gradients_and_stays_there():
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    reference = _loss_and_grad(_peft_model(), ids)
+    model = _llama()
+    table = model.get_input_embeddings().weight
+    assert input_embedding_on_cpu(model)
+    peft_model = _peft_model(model)
+    peft_model.enable_input_require_grads()  # what the Trainer does for checkpointing on a frozen base
+    loss, grad = _loss_and_grad(peft_model, ids)
+    assert loss == pytest.approx(reference[0], abs=1e-6) and torch.allclose(grad, reference[1], atol=1e-6)
+    # the Trainer moves the model to its device; the table must not follow (meta stands in for cuda here)
+    peft_model.to("meta")
+    assert model.get_input_embeddings().weight is table and table.device.type == "cpu"
+    assert "model.embed_tokens.weight" not in model.state_dict()
+
+
+def test_a_tied_input_embedding_is_the_lm_head_and_is_left_in_place():
+    model = _llama(tied=True)
+    embedding = model.get_input_embeddings()
+    assert not input_embedding_on_cpu(model)
+    assert model.get_input_embeddings() is embedding
 
 
 def test_finds_the_decoder_layers_inside_a_peft_model():

@@ -111,6 +111,8 @@ def test_unchanged_request_reuses_adapter_and_changes_retrain(setup):
     # settings that do not change the weights keep the cache
     cosmetic = cfg.model_copy(deep=True)
     cosmetic.training.logging_steps = 3
+    cosmetic.training.offload = "on"
+    cosmetic.training.compile = "off"
     assert training_fingerprint(cosmetic, data, base) == first.fingerprint
 
 

@@ -5,7 +5,7 @@
 #   bash bench/fetch_wheels.sh            # training benches (train_gpu.py, merge_memory.py)
 #   bash bench/fetch_wheels.sh prefect    # + the Prefect/pandera stack for sweep_gpus.py
 set -euo pipefail
-DEST=${DEST:-.whl}; mkdir -p "$DEST"
+DEST=$(realpath -m "${DEST:-.whl}"); mkdir -p "$DEST"
 GET=(pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
      --platform any -d "$DEST")
@@ -18,9 +18,9 @@ if [ "${1:-}" = prefect ]; then
   rm -f "$DEST"/{numpy,pandas,pyarrow,torch,triton,nvidia_,sympy,networkx,jinja2,markupsafe,fsspec,filelock}*-*.whl
 fi
 for whl in "$DEST"/bitsandbytes-*.whl; do
-  tmp=$(mktemp -d); (cd "$tmp" && python3 -m zipfile -e "$OLDPWD/$whl" .)
+  tmp=$(mktemp -d); (cd "$tmp" && python3 -m zipfile -e "$whl" .)
   find "$tmp/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda130.so' -delete
-  rm "$whl"; (cd "$tmp" && python3 -m zipfile -c "$OLDPWD/$whl" bitsandbytes bitsandbytes-*.dist-info)
+  rm "$whl"; (cd "$tmp" && python3 -m zipfile -c "$whl" bitsandbytes bitsandbytes-*.dist-info)
   rm -rf "$tmp"
 done
 du -sh "$DEST"

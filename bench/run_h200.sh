@@ -3,8 +3,9 @@
 #   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 + merge on GPU 1), DDP
 #   bash bench/run_h200.sh sweep      # 2 GPUs: one training vs two side by side (GpuTaskRunner)
-#   bash bench/run_h200.sh lowmem     # 1 GPU: candidates for a <= 7 GiB profile at baseline speed
+#   bash bench/run_h200.sh lowmem     # 1 GPU: W1 baseline vs the planner's 7 GiB profile
 #   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours
+#   bash bench/run_h200.sh single     # 1 GPU: lowmem, then w2
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -43,7 +44,6 @@ case "${1:-}" in
     build > "$OUT/build.jsonl" 2>&1
     train 0 W2 baseline,ours w2-single.jsonl ;;
   single)  # what one H200 can measure of `final` and `lowmem`, in one call
-    build > "$OUT/build.jsonl" 2>&1
     bash "$0" lowmem; bash "$0" w2 ;;
   *) echo "usage: $0 variants|final|sweep|lowmem|w2|single"; exit 2 ;;
 esac

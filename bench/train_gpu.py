@@ -19,9 +19,9 @@ A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE ke
 step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
 Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` (force checkpointing),
-`cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (TRL's activation
-offloading: tensors saved for backward wait in pinned CPU memory). The planner itself picks the last two
-together when nothing else fits the budget (the `lowmem` profile).
+`cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (the planner's
+offload: `cpuembed` plus TRL's activation offloading, tensors saved for backward wait in pinned CPU
+memory; the planner picks it when nothing else fits the budget, as in the `lowmem` profile).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -174,6 +174,8 @@ def run_one(args) -> dict:
             settings["batch"], settings["accum"] = int(m[5:]), global_batch // (int(m[5:]) * world)
     if "ckpt" in modifiers:
         settings["gradient_checkpointing"] = True
+    if "offload" in modifiers:
+        settings["offload"] = True
     nf4 = Path(args.root) / args.shape / "nf4"
     model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
                                                  attn_implementation=settings["attn"])  # fmt: skip
@@ -212,7 +214,7 @@ def run_one(args) -> dict:
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
-        use_liger_kernel="liger" in modifiers, activation_offloading="offload" in modifiers or settings["offload"], ddp_find_unused_parameters=False if world > 1 else None,
+        use_liger_kernel="liger" in modifiers, activation_offloading=settings["offload"], ddp_find_unused_parameters=False if world > 1 else None,
         **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
     )  # fmt: skip
     dropout = 0.0 if "nodrop" in modifiers else 0.05
@@ -241,7 +243,7 @@ def run_one(args) -> dict:
         "shape": args.shape, "workload": args.workload, "profile": args.profile, "plan": settings["plan"],
         "gpus": world, "lora_dropout": dropout, "compiled_layers": compiled_layers,
         "packing": settings["packing"], "gradient_checkpointing": settings["gradient_checkpointing"],
-        "offload": settings["offload"] or "offload" in modifiers,
+        "offload": settings["offload"],
         "micro_batch": settings["batch"], "grad_accum": settings["accum"], "attn": settings["attn"],
         "memory_budget_gib": settings["budget_gib"], "real_tokens_per_s": round(tokens_per_s, 1),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

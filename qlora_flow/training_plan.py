@@ -29,7 +29,7 @@ _CHECKPOINTING_SLOWDOWN = 1.41
 _FIXED_COST_TOKENS = 5100.0
 # Offload (input embedding and checkpointed layer inputs in CPU memory) is only planned with checkpointing.
 # Its cost is an estimate, not a fit: the copies overlap compute, and at micro-batch 4 the 8B shape ran at
-# 1.06x the baseline in 6.2 GiB (H200, run 6), where the same micro-batch without offload did not fit 7 GiB.
+# 0.91-1.06x the baseline in 6.2 GiB (H200, runs 6-8), where the same micro-batch without offload did not fit 7 GiB.
 _OFFLOAD_SLOWDOWN = 1.1
 
 

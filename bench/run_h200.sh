@@ -6,6 +6,8 @@
 #   bash bench/run_h200.sh lowmem     # 1 GPU: W1 baseline vs the planner's 7 GiB profile
 #   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours
 #   bash bench/run_h200.sh single     # 1 GPU: lowmem, then w2
+#   bash bench/run_h200.sh levers     # 1 GPU: W1 at 7 GiB, baseline vs the planner's profile and its candidates
+#                                       (PROFILES=a,b,... replaces the list)
 # Wheels the image lacks travel in .whl/ (see README); results land in $OUT (default bench/out).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
@@ -43,8 +45,11 @@ case "${1:-}" in
   w2)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W2 baseline,ours w2-single.jsonl ;;
+  levers)
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W1 "${PROFILES:-baseline,lowmem,lowmem+prof,baseline+prof,lowmem+nopack,lowmem+liger}" w1-levers.jsonl ;;
   single)  # what one H200 can measure of `final` and `lowmem`, in one call
     bash "$0" lowmem; bash "$0" w2 ;;
-  *) echo "usage: $0 variants|final|sweep|lowmem|w2|single"; exit 2 ;;
+  *) echo "usage: $0 variants|final|sweep|lowmem|w2|single|levers"; exit 2 ;;
 esac
 tail -q -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

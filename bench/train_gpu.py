@@ -21,7 +21,10 @@ count), `prof` (torch profiler over two measured steps; the op table goes to $OU
 Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` (force checkpointing),
 `cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (the planner's
 offload: `cpuembed` plus TRL's activation offloading, tensors saved for backward wait in pinned CPU
-memory; the planner picks it when nothing else fits the budget, as in the `lowmem` profile).
+memory; the planner picks it when nothing else fits the budget, as in the `lowmem` profile), `nopack`
+(no packing, SDPA: on W1 every row is one whole sequence, so this isolates flex attention's cost),
+`actoffload` (activation offloading alone, without `cpuembed`), `pageable` (the CPU embedding without
+page-locked memory), `smalloffload` (TRL's default offload threshold of 1 KiB instead of ours).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -53,7 +56,8 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
-MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit", "offload"}
+MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit", "offload", "nopack",
+             "actoffload", "pageable", "smalloffload"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -158,7 +162,7 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu
+    from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu, offload_large_activations_only
 
     name, modifiers = split_profile(args.profile)
     local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -176,11 +180,14 @@ def run_one(args) -> dict:
         settings["gradient_checkpointing"] = True
     if "offload" in modifiers:
         settings["offload"] = True
+    if "nopack" in modifiers:  # the baseline's batching (pad to longest) and attention (SDPA) in this profile
+        settings.update(packing=False, attn="sdpa")
     nf4 = Path(args.root) / args.shape / "nf4"
     model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
                                                  attn_implementation=settings["attn"])  # fmt: skip
     if "cpuembed" in modifiers or settings["offload"]:
-        input_embedding_on_cpu(model)
+        input_embedding_on_cpu(model, pinned="pageable" not in modifiers)
+    activation_offloading = settings["offload"] or "actoffload" in modifiers
     steps = args.warmup + args.steps
     vocab = SHAPES[args.shape]["vocab_size"]
     # Packing fills rows up to 2,048 tokens, so it needs fewer rows: give every profile the same examples.
@@ -214,7 +221,7 @@ def run_one(args) -> dict:
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
-        use_liger_kernel="liger" in modifiers, activation_offloading=settings["offload"], ddp_find_unused_parameters=False if world > 1 else None,
+        use_liger_kernel="liger" in modifiers, activation_offloading=activation_offloading, ddp_find_unused_parameters=False if world > 1 else None,
         **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
     )  # fmt: skip
     dropout = 0.0 if "nodrop" in modifiers else 0.05
@@ -223,6 +230,8 @@ def run_one(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer")
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[Timer()])  # fmt: skip
+    if activation_offloading and "smalloffload" not in modifiers:
+        offload_large_activations_only(trainer)
     compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
     compiled_layers = compile_decoder_layers(trainer.model) if compile_layers else 0
     torch.cuda.reset_peak_memory_stats()

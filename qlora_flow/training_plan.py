@@ -28,8 +28,10 @@ _SAFETY = 0.85
 _CHECKPOINTING_SLOWDOWN = 1.41
 _FIXED_COST_TOKENS = 5100.0
 # Offload (input embedding and checkpointed layer inputs in CPU memory) is only planned with checkpointing.
-# Its cost is an estimate, not a fit: the copies overlap compute, and at micro-batch 4 the 8B shape ran at
-# 0.91-1.06x the baseline in 6.2 GiB (H200, runs 6-8), where the same micro-batch without offload did not fit 7 GiB.
+# Measured on an H200 at micro-batch 4 (8B): activation offload alone cost 2% (run 11), and the whole offload
+# profile ran at 1.31-1.33x the baseline in 6.2 GiB (run 12), where the same micro-batch without offload does
+# not fit 7 GiB. The planner still charges 10%: offload takes pinned host memory and PCIe bandwidth that other
+# GPUs of the host share, so it is chosen only when nothing fits without it.
 _OFFLOAD_SLOWDOWN = 1.1
 
 

@@ -240,6 +240,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         peft_config=peft_config,
         callbacks=[CheckpointCommitter(), ProgressReporter()],
     )
+    if plan.offload:
+        from qlora_flow.speedups import offload_large_activations_only
+
+        offload_large_activations_only(trainer)
     if plan.compile_layers:
         from qlora_flow.speedups import compile_decoder_layers
 

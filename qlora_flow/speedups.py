@@ -56,13 +56,17 @@ class _CpuEmbedding(nn.Module):
         ids = input_ids.to("cpu")
         if not self.pinned or input_ids.device.type == "cpu":
             return self._tables[0](ids).to(self.device, non_blocking=True)
+        return self._staged_rows(ids).to(self.device, non_blocking=True)
+
+    def _staged_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows for `ids`, gathered into the page-locked buffer that every call reuses."""
         weight = self._tables[0].weight
-        shape = (*ids.shape, weight.shape[1])
-        if self._staging is None or self._staging.numel() < ids.numel() * weight.shape[1]:
-            self._staging = torch.empty(ids.numel() * weight.shape[1], dtype=weight.dtype).pin_memory()
-        rows = self._staging[: ids.numel() * weight.shape[1]].view(-1, weight.shape[1])
+        size = ids.numel() * weight.shape[1]
+        if self._staging is None or self._staging.numel() < size:
+            self._staging = torch.empty(size, dtype=weight.dtype).pin_memory()
+        rows = self._staging[:size].view(-1, weight.shape[1])
         torch.index_select(weight, 0, ids.reshape(-1), out=rows)
-        return rows.view(shape).to(self.device, non_blocking=True)
+        return rows.view(*ids.shape, weight.shape[1])
 
 
 def input_embedding_on_cpu(model: nn.Module, pinned: bool = True) -> bool:
@@ -92,4 +96,9 @@ def offload_large_activations_only(trainer, min_bytes: int = OFFLOAD_MIN_BYTES) 
     """Replace the activation-offloading context of a TRL trainer built with `activation_offloading=True`."""
     from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
+    if not hasattr(trainer, "maybe_activation_offload_context"):
+        raise RuntimeError(
+            f"{type(trainer).__name__} has no `maybe_activation_offload_context`: this TRL version offloads differently; "
+            "pin trl to a version with it, or set training.offload: off"
+        )
     trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(trainer.model, min_offload_size=min_bytes)

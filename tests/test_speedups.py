@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_flow.speedups import compile_decoder_layers, decoder_layers, input_embedding_on_cpu
+from qlora_flow.speedups import _CpuEmbedding, compile_decoder_layers, decoder_layers, input_embedding_on_cpu
 
 
 def _llama(tied: bool = False) -> LlamaForCausalLM:
@@ -49,6 +49,22 @@ def test_input_embedding_in_cpu_memory_gives_the_same_loss_and_gradients_and_sta
     peft_model.to("meta")
     assert model.get_input_embeddings().weight is table and table.device.type == "cpu"
     assert "model.embed_tokens.weight" not in model.state_dict()
+
+
+def test_rows_staged_for_the_gpu_copy_match_the_lookup_and_reuse_one_buffer(monkeypatch):
+    # Page-locking needs a CUDA driver; on this CPU-only machine the buffer is ordinary memory.
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    table = torch.nn.Embedding(256, 8)
+    cpu_embedding = _CpuEmbedding(table, torch.device("cpu"), pinned=True)
+    assert not cpu_embedding.weight.requires_grad
+    small, large = torch.tensor([[3, 7, 255]]), torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    first = cpu_embedding._staged_rows(large)
+    assert first.shape == (2, 5, 8) and torch.equal(first, table(large).detach())
+    buffer = cpu_embedding._staging.data_ptr()
+    second = cpu_embedding._staged_rows(small)  # smaller: same buffer
+    assert torch.equal(second, table(small).detach()) and cpu_embedding._staging.data_ptr() == buffer
+    third = cpu_embedding._staged_rows(torch.randint(0, 256, (4, 9)))  # larger: the buffer grows
+    assert third.shape == (4, 9, 8) and cpu_embedding._staging.numel() == 4 * 9 * 8
 
 
 def test_a_tied_input_embedding_is_the_lm_head_and_is_left_in_place():

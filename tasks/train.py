@@ -204,7 +204,11 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        # As in bench/train_gpu.py: collation off the GPU process's thread; on the CPU, workers only compete with it.
+        dataloader_num_workers=2 if device == "cuda" else 0,
+        # Every LoRA parameter is used in every step. Left unset, Trainer picks True for a PEFT model, and DDP
+        # then walks the autograd graph after each backward looking for unused ones (the bench measured False).
+        ddp_find_unused_parameters=False,
         eval_strategy="no",
     )
     peft_config = LoraConfig(

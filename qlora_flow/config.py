@@ -105,7 +105,8 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(5, ge=1)
     seed: int = 42
     memory_budget_gib: float | None = Field(
-        None, gt=0, description="GPU memory the stage may plan for; default: what is free on the GPU."
+        None, gt=0, description="GPU memory per GPU the training stage plans for and caps its allocator at "
+        "(for a shared GPU); default: plan for what is free, no cap."
     )
 
 

@@ -37,3 +37,15 @@ def resolve_compute_dtype(requested: str, device: str) -> torch.dtype:
 def compute_plan(device: str = "auto", compute_dtype: str = "auto") -> ComputePlan:
     resolved = resolve_device(device)
     return ComputePlan(resolved, resolve_compute_dtype(compute_dtype, resolved))
+
+
+def cap_gpu_memory(budget_gib: float) -> float:
+    """Hold this process's CUDA allocator to `budget_gib` on the current GPU; returns the fraction set.
+
+    A configured budget is a promise to whoever shares the GPU, so it is enforced, not only planned for:
+    past it the allocator frees its cache and retries, then fails with an out-of-memory error that names the cap.
+    """
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = min(1.0, budget_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction

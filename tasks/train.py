@@ -134,7 +134,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_flow.hardware import resolve_compute_dtype
+    from qlora_flow.hardware import cap_gpu_memory, resolve_compute_dtype
     from qlora_flow.models import load_full_precision_model, load_nf4_model, load_tokenizer
 
     fingerprint = training_fingerprint(cfg, data, base)
@@ -146,6 +146,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     device = base.device
     if device == "cuda":  # under torchrun: this rank's GPU becomes the default "cuda" device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.training.memory_budget_gib is not None:
+            cap_gpu_memory(cfg.training.memory_budget_gib)
     compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
     full_dir = store.fetch(store.key_of(base.full_precision_uri))
     tokenizer = load_tokenizer(full_dir)

@@ -407,7 +407,9 @@ def train_adapter(
 
 
 def _child_main(spec_path: str, result_path: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    # force: importing Prefect already gave the root logger a WARNING-level handler, which swallowed the
+    # INFO lines (the training plan, resume points) that the parent streams into the Prefect run's logs.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
     spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -70,10 +70,26 @@ def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_con
     assert manifest["lineage"]["data"]["fingerprint"] == result.data.fingerprint
     assert manifest["lineage"]["base_model"]["fingerprint"] == result.base.fingerprint
 
+    # the training child's lines reached the flow run's logs in the Prefect API: its plan and each step's loss
+    messages = _flow_run_log_messages(state.state_details.flow_run_id)
+    assert any("training plan: {" in m and "'per_device_batch_size'" in m for m in messages), messages[-20:]
+    assert any(m.startswith("step 6/6 loss ") for m in messages), messages[-20:]
+
     # an unchanged re-run reuses the trained adapter instead of training again
     second = qlora_pipeline(cfg, return_state=True).result()
     assert second.adapter == result.adapter
     assert second.run_id != result.run_id
+
+
+def _flow_run_log_messages(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs travel to the server in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
 
 
 @pytest.mark.slow

@@ -202,9 +202,11 @@ def test_timeout_kills_the_training_child_and_says_so(setup):
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, tmp_path):
+@pytest.mark.parametrize("compile_layers", ["off", "on"])
+def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, tmp_path, compile_layers):
     """The command the stage runs for execution.gpus > 1 (torchrun + `-m tasks.train`), here on the CPU with
-    gloo: rank 0 alone commits checkpoints and the adapter, and a step sees the same examples as one process."""
+    gloo: rank 0 alone commits checkpoints and the adapter, and a step sees the same examples as one process.
+    With compile on (the GPU default), the compiled decoder layers run inside DDP."""
     import shutil
 
     cfg, store, data, base = setup
@@ -214,6 +216,7 @@ def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, t
     key = adapter_key(single.fingerprint)
     shutil.rmtree(store.path / key)
 
+    cfg.training.compile = compile_layers  # not in the fingerprint: the same adapter key as `single`
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
     spec.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
@@ -221,6 +224,7 @@ def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, t
            "-m", "tasks.train", str(spec), str(result)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count(f"'compile_layers': {compile_layers == 'on'}") == 2, proc.stdout[-2000:] + proc.stderr[-2000:]  # each rank's logged plan
 
     ddp = json.loads(result.read_text())
     assert ddp["fingerprint"] == single.fingerprint and ddp["steps"] == 4

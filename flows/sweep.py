@@ -16,7 +16,7 @@ from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare_base import prepare_base_model_task
-from tasks.train import train_adapter
+from tasks.train import train_adapter, training_lock, training_lock_name
 from tasks.validate import validate_dataset_task
 
 
@@ -46,7 +46,9 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", cfg.lora.r, devices)
     started = time.time()
     store = open_store(cfg.execution)
-    adapter = train_adapter(cfg, store, data, base, on_line=logger.info)
+    # the pipeline's lock: a point whose rank matches a pipeline run's (or another point's) is the same adapter
+    with training_lock(training_lock_name(cfg, data, base)):
+        adapter = train_adapter(cfg, store, data, base, on_line=logger.info)
     report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
     return SweepPoint(
         rank=cfg.lora.r, run_id=run_id, adapter_uri=adapter.uri, eval_loss=report.tuned_metrics["loss"],

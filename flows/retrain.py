@@ -52,13 +52,12 @@ def production_fingerprints(store: ArtifactStore, model_name: str, alias: str) -
 
 @task(name="current-fingerprints")
 def current_fingerprints(cfg: PipelineConfig) -> Fingerprints:
-    from qlora_flow.models import load_tokenizer_for
     from tasks.prepare_base import prepare_base_model
-    from tasks.validate import validate_dataset
+    from tasks.validate import validate_dataset_task
 
-    store = open_store(cfg.execution)
-    data = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
-    base = prepare_base_model(cfg, store)
+    # the pipeline's wrapper, so that a scheduled run also reports its data (artifact; data.rejected, on failure too)
+    data = validate_dataset_task.fn(cfg)
+    base = prepare_base_model(cfg, open_store(cfg.execution))
     return Fingerprints(data=data.fingerprint, base=base.fingerprint, recipe=recipe_fingerprint(cfg))
 
 

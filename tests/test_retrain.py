@@ -75,3 +75,20 @@ def test_production_without_a_recorded_recipe_compares_data_and_base_only(tiny_c
     current = current_fingerprints.fn(tiny_config)
     _publish_fake_production(tiny_config, current.model_copy(update={"recipe": None}))
     assert not decide(tiny_config, current.model_copy(update={"recipe": "anything"})).retrain
+
+
+def test_rejected_data_fails_the_scheduled_run_with_an_event_and_artifact(tiny_config, chat_jsonl, monkeypatch):
+    import prefect.artifacts
+    import prefect.events
+
+    tables, events = [], []
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: tables.append(kw))
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: events.append(kw))
+    with chat_jsonl.open("a") as fh:  # an empty reply breaks the data contract (no rejected rows allowed)
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}) + "\n")
+
+    state = scheduled_retrain(tiny_config, return_state=True)
+
+    assert state.is_failed() and "empty_content" in state.message
+    assert [t["key"] for t in tables] == ["data-validation"]
+    assert [e["event"] for e in events] == ["data.rejected"] and events[0]["payload"]["n_rejected"] == 1

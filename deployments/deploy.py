@@ -13,7 +13,11 @@ the previous one still going is cancelled rather than queued, so schedules canno
 
 Work pools: `qlora-local` (process worker on this machine). With --k8s-image, also `qlora-k8s`
 (Kubernetes; infra/k8s/base-job-template.json requests GPUs) and the same deployments on it,
-run from the image built with infra/Dockerfile.gpu.
+run from the image built with infra/Dockerfile.gpu; then only the k8s scheduled deployment's cron
+is active, so retraining runs once a night (on the GPU cluster).
+
+Registering again is safe: a deployment keeps its paused state (a rejection may have paused the
+schedule) and an existing pool gets the current base job template.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import yaml
 from prefect import Flow
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment, deploy
 from prefect.events.actions import PauseDeployment
@@ -60,7 +64,8 @@ def _flow(kind: str, for_image: bool) -> Flow:
     return Flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINTS[kind])
 
 
-def build_deployments(cfg: PipelineConfig, for_image: bool = False) -> list[RunnerDeployment]:
+def build_deployments(cfg: PipelineConfig, for_image: bool = False, schedule: bool = True) -> list[RunnerDeployment]:
+    """schedule=False leaves the scheduled deployment's cron inactive (another pool's variant runs it)."""
     params = {"config": cfg.model_dump(mode="json")}
     model = cfg.publish.model_name
     tags = ["qlora", f"model:{model}"]
@@ -73,7 +78,7 @@ def build_deployments(cfg: PipelineConfig, for_image: bool = False) -> list[Runn
         ),
         _flow("retrain", for_image).to_deployment(
             name="scheduled",
-            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)],
+            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active and schedule)],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description=f"Retrain {model} when its data or base model changed ({cfg.schedule.cron}, {cfg.schedule.timezone}).",
             **{**common, "tags": tags + ["scheduled"]},
@@ -89,13 +94,29 @@ def build_deployments(cfg: PipelineConfig, for_image: bool = False) -> list[Runn
 def ensure_work_pool(name: str, pool_type: str, base_job_template: dict) -> None:
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=base_job_template))
+            return
+        # edits to infra/k8s/base-job-template.json must reach a pool created by an earlier registration
+        if pool.base_job_template != base_job_template:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=base_job_template))
 
 
-def ensure_pause_on_rejection(model: str, scheduled_id: UUID) -> Automation:
-    """When a candidate fails the quality gate, pause scheduled retraining until someone looks."""
+def keep_paused_state(deployments: list[RunnerDeployment]) -> list[RunnerDeployment]:
+    """Carry each existing deployment's paused state over: applying sends `paused`, False when unset
+    (Prefect's reconcile_paused_deployment), which would resume a schedule the rejection automation paused."""
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                deployment.paused = client.read_deployment_by_name(deployment.full_name).paused
+            except ObjectNotFound:
+                pass  # new deployment: created unpaused
+    return deployments
+
+
+def ensure_pause_on_rejection(model: str, scheduled_ids: list[UUID]) -> Automation:
+    """When a candidate fails the quality gate, pause scheduled retraining (on every pool) until someone looks."""
     name = f"pause retraining of {model} on model.rejected"
     try:
         Automation.read(name=name).delete()
@@ -110,7 +131,7 @@ def ensure_pause_on_rejection(model: str, scheduled_id: UUID) -> Automation:
             posture=Posture.Reactive,
             threshold=1,
         ),
-        actions=[PauseDeployment(source="selected", deployment_id=scheduled_id)],
+        actions=[PauseDeployment(source="selected", deployment_id=i) for i in scheduled_ids],
     ).create()
 
 
@@ -118,8 +139,10 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
     """Create pools, deployments and the automation; returns deployment ids by full name."""
     ensure_work_pool(PROCESS_POOL, "process", ProcessWorker.get_default_base_job_template())
     names = [MANUAL, SCHEDULED, SWEEP]
-    ids = dict(zip(names, deploy(*build_deployments(cfg), work_pool_name=PROCESS_POOL, build=False,
-                                 push=False, print_next_steps_message=False)))  # fmt: skip
+    # With the k8s pool the cron runs there only (GPU cluster); the local variant stays for manual runs.
+    local = keep_paused_state(build_deployments(cfg, schedule=not k8s_image))
+    ids = dict(zip(names, deploy(*local, work_pool_name=PROCESS_POOL, build=False, push=False,
+                                 print_next_steps_message=False)))  # fmt: skip
     if k8s_image:
         import json
 
@@ -127,10 +150,11 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
         k8s = build_deployments(cfg, for_image=True)
         for deployment in k8s:
             deployment.name = f"{deployment.name}-k8s"
-        k8s_ids = deploy(*k8s, work_pool_name=K8S_POOL, image=k8s_image, build=False, push=False,
+        k8s_ids = deploy(*keep_paused_state(k8s), work_pool_name=K8S_POOL, image=k8s_image, build=False, push=False,
                          print_next_steps_message=False)  # fmt: skip
         ids |= {f"{n}-k8s": i for n, i in zip(names, k8s_ids)}
-    ensure_pause_on_rejection(cfg.publish.model_name, ids[SCHEDULED])
+    scheduled = [i for n, i in ids.items() if n.startswith(SCHEDULED)]
+    ensure_pause_on_rejection(cfg.publish.model_name, scheduled)
     return ids
 
 

@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
@@ -118,6 +118,14 @@ class GpuTaskRunner(ProcessPoolTaskRunner):
 
     def __enter__(self) -> GpuTaskRunner:
         super().__enter__()
+        # CUDA reads CUDA_VISIBLE_DEVICES once per process, at first use, and Prefect's pool reuses its workers,
+        # so a task on a reused worker would run on its first task's GPUs: one task per (spawned) worker. Prefect
+        # has no option for it; its pool is rebuilt with the same settings plus max_tasks_per_child.
+        pool = self._executor
+        self._executor = ProcessPoolExecutor(
+            pool._max_workers, pool._mp_context, pool._initializer, pool._initargs, max_tasks_per_child=1
+        )
+        pool.shutdown()  # never used: its processes start on the first submit
         self._api_env = ephemeral_api_env()
         ensure_gpu_slots(self.host, self.gpus)
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from itertools import combinations
 
@@ -41,6 +42,25 @@ def test_gpu_tasks_get_distinct_gpus_and_never_overlap():
     # two GPUs: the four tasks ran two at a time, not one after another
     assert any(s2 < e1 and s1 < e2 for (_, s1, e1), (_, s2, e2) in combinations(runs, 2))
     assert cpu_devices == "", "tasks without the gpu tag must not see any GPU"
+
+
+@task(tags=["gpu"])
+def first_cuda_use(cfg: PipelineConfig) -> tuple[int, str, str]:
+    """(pid, this task's GPUs, the GPUs a CUDA init would see): CUDA reads the variable once per process."""
+    devices = os.environ["CUDA_VISIBLE_DEVICES"]
+    return os.getpid(), devices, sys.__dict__.setdefault("fake_cuda_devices", devices)
+
+
+@flow(task_runner=GpuTaskRunner(gpus=2, host="fresh-host", max_workers=1))
+def two_in_a_row() -> list[tuple[int, str, str]]:
+    pair, one = (PipelineConfig.model_validate({"execution": {"gpus": n}}) for n in (2, 1))
+    return [first_cuda_use.submit(pair).result(), first_cuda_use.submit(one).result()]
+
+
+def test_each_gpu_task_starts_cuda_in_a_fresh_process():
+    (pid1, devices1, seen1), (pid2, devices2, seen2) = two_in_a_row()
+    assert (devices1, devices2) == ("0,1", "0")
+    assert pid1 != pid2 and (seen1, seen2) == (devices1, devices2), "the second task saw the first one's GPUs"
 
 
 def test_gpus_needed_reads_tag_and_config():

@@ -11,15 +11,18 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from pydantic import BaseModel
 
-from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
-from qlora_flow.store import open_store
+from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
 from tasks.merge import merge_task
 from tasks.prepare_base import prepare_base_model_task
-from tasks.publish import publish_task
+from tasks.publish import MANIFEST_NAME, publish_task, run_key
 from tasks.train import train_adapter_task
 from tasks.validate import validate_dataset_task
+
+
+CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
 
 
 class PipelineResult(BaseModel):
@@ -48,12 +51,28 @@ def _run_id(cfg: PipelineConfig) -> str:
     return f"{cfg.publish.model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{suffix}"
 
 
+def claim_run_id(store: ArtifactStore, run_id: str) -> None:
+    """Refuse a run id that another flow run already merged or published under (a fixed
+    execution.run_name): merging again would delete that run's model, and publish would hand back
+    that run's recorded result. A retry of the same flow run finds its own claim and carries on."""
+    run = run_key(run_id)
+    claim, mine = f"{run}/{CLAIM_NAME}", flow_run.get_id()
+    finished = store.exists(f"{run}/{MANIFEST_NAME}") or store.is_complete(f"{run}/model")
+    if finished and not (mine and store.exists(claim) and store.read_json(claim).get("flow_run_id") == mine):
+        raise ConfigError(
+            f"execution.run_name: run id {run_id!r} already has a finished run at {store.uri(run)}; leave "
+            "execution.run_name empty for a fresh id per run, or set a new one"
+        )
+    store.write_json(claim, {"flow_run_id": mine})
+
+
 @flow(name="qlora-finetune", flow_run_name=_flow_run_name, log_prints=True)
 def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
     logger = get_run_logger()
     check_local_inputs(config)
     run_id = _run_id(config)
+    claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)
 
     # Data validation and base preparation do not depend on each other.

@@ -109,3 +109,48 @@ def test_credentials_from_secret_block_never_leak(prefect_api, s3env, chat_jsonl
     for path in written:
         assert SECRET_KEY.encode() not in path.read_bytes(), path
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") is None
+
+
+def _fixed_name_config(chat_jsonl, tmp_path):
+    return load_config(None, {
+        "data.train_path": str(chat_jsonl), "publish.model_name": "extractor", "execution.run_name": "nightly",
+        "execution.store": str(tmp_path / "store"), "execution.local_cache": str(tmp_path / "cache"),
+    })  # fmt: skip
+
+
+def test_fixed_run_name_of_a_published_run_is_refused_before_any_stage(prefect_api, chat_jsonl, tmp_path, monkeypatch):
+    """A deployment that pins execution.run_name would otherwise re-merge over, and re-publish as, the last run."""
+    import flows.pipeline as pipeline
+    from flows.pipeline import qlora_pipeline
+    from qlora_flow.config import ConfigError
+    from tasks.publish import publish_run
+
+    cfg = _fixed_name_config(chat_jsonl, tmp_path)
+    store = open_store(cfg.execution)
+    publish_run(cfg, store, "nightly", **stage_run(store, "nightly").refs, flow_run_id="an-earlier-flow-run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*")}
+
+    def stage(*args, **kwargs):
+        raise AssertionError("a stage started")
+
+    for name in ("validate_dataset_task", "prepare_base_model_task"):
+        monkeypatch.setattr(pipeline, name, type("Stage", (), {"submit": staticmethod(stage)}))
+    with pytest.raises(ConfigError, match=r"execution\.run_name.*'nightly'.*leave execution\.run_name empty"):
+        qlora_pipeline(cfg)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*")} == before
+
+
+def test_retry_of_the_same_flow_run_keeps_its_run_id(chat_jsonl, tmp_path, monkeypatch):
+    """A flow run retried after its merge committed carries on; another flow run with that run id does not."""
+    import flows.pipeline as pipeline
+    from qlora_flow.config import ConfigError
+
+    store = open_store(_fixed_name_config(chat_jsonl, tmp_path).execution)
+    monkeypatch.setattr(pipeline.flow_run, "get_id", lambda: "flow-run-a")
+    pipeline.claim_run_id(store, "nightly")
+    store.workdir("runs/nightly/model")
+    store.commit("runs/nightly/model")  # the first attempt merged, then publishing failed
+    pipeline.claim_run_id(store, "nightly")  # its retry
+    monkeypatch.setattr(pipeline.flow_run, "get_id", lambda: "flow-run-b")
+    with pytest.raises(ConfigError, match="already has a finished run"):
+        pipeline.claim_run_id(store, "nightly")

@@ -81,7 +81,10 @@ class TrainingConfig(_Section):
     max_seq_length: int = Field(512, ge=16)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
     num_epochs: float = Field(1.0, gt=0)
-    per_device_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(
+        8, ge=1, description="Rows per device per micro-step; with packing a row is up to max_seq_length tokens of "
+        "several examples, so a step sees more examples than without packing.",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -108,6 +111,15 @@ class TrainingConfig(_Section):
         None, gt=0, description="GPU memory per GPU the training stage plans for and caps its allocator at "
         "(for a shared GPU); default: plan for what is free, no cap."
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> TrainingConfig:
+        if self.offload == "on" and self.gradient_checkpointing == "off":
+            raise ValueError(
+                "training.offload: on keeps checkpointed activations in CPU memory, so it needs "
+                "training.gradient_checkpointing: auto or on (or set offload: auto/off)"
+            )
+        return self
 
 
 class GateRules(_Section):
@@ -182,7 +194,9 @@ class ExecutionConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpus: int = Field(1, ge=0, description="GPUs one training task uses (DDP when more than one).")
     isolate_gpu_stages: bool = Field(True, description="Run training in a child process (frees memory, cancellable).")
-    train_timeout_s: int = Field(6 * 3600, ge=1)
+    train_timeout_s: int = Field(
+        6 * 3600, ge=1, description="Kill the training child after this long (needs isolate_gpu_stages)."
+    )
     run_name: str | None = None
     runner: Literal["local", "ray"] = Field(
         "local", description="Where GPU stages of multi-training flows run: this host's GPUs, or a Ray cluster."
@@ -218,6 +232,12 @@ class PipelineConfig(_Section):
     def _gpu_options_need_gpu_device(self) -> PipelineConfig:
         if self.execution.device == "cpu" and self.quantization.compute_dtype == "float16":
             raise ValueError("quantization.compute_dtype: float16 compute is not supported on the CPU; use float32")
+        if self.execution.gpus > 1 and not self.execution.isolate_gpu_stages:
+            # DDP ranks are launched by torchrun from the child process; in-process training has one GPU.
+            raise ValueError(
+                f"execution.gpus: {self.execution.gpus} GPUs need execution.isolate_gpu_stages: true "
+                "(training then runs under torchrun in a child process); or set execution.gpus: 1"
+            )
         return self
 
 

@@ -137,9 +137,11 @@ def load_nf4_model(
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_full_precision_model(path: str | Path, dtype: torch.dtype, device: str = "cpu"):
+def load_full_precision_model(
+    path: str | Path, dtype: torch.dtype, device: str = "cpu", attn_implementation: str | None = None
+):
     """The 16-bit base (or merged model) at the dtype we compute in; never quantized (merges happen here)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)
 
 

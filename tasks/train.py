@@ -38,13 +38,16 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
-from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training
+from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
 
 log = logging.getLogger(__name__)
 
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
-# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint.
-_NON_RESULT_TRAINING_FIELDS = {"save_steps", "logging_steps", "compile", "offload"}
+# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
+# choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
+_NON_RESULT_TRAINING_FIELDS = {
+    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
+}
 
 
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
@@ -54,8 +57,10 @@ def recipe_fingerprint(cfg: PipelineConfig) -> str:
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
+    # `packing: auto` packs on GPUs only, and a packed row holds several examples: resolved, it names the recipe.
+    packed = resolve_packing(cfg.training.packing, base.device)
     return combine(
-        "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg),
+        "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg), {"packed": packed},
         code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
         library_versions(),
     )
@@ -158,7 +163,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
             store.fetch(store.key_of(base.nf4_uri)), compute_dtype, device, attn_implementation=plan.attn_implementation
         )
     else:
-        model = load_full_precision_model(full_dir, compute_dtype, device)
+        model = load_full_precision_model(full_dir, compute_dtype, device, attn_implementation=plan.attn_implementation)
     if plan.offload:
         from qlora_flow.speedups import input_embedding_on_cpu
 
@@ -255,9 +260,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
 
         compile_decoder_layers(trainer.model)
     trainable_params = [p for p in trainer.model.parameters() if p.requires_grad]
-    if compute_dtype == torch.float32:
-        # TRL casts QLoRA adapters to bf16 unconditionally; on CPUs without fast bf16 that makes every
-        # step many times slower, so keep them in the compute dtype (the optimizer does not exist yet).
+    if compute_dtype != torch.bfloat16:
+        # TRL casts QLoRA adapters to bf16 unconditionally. In float32 compute (CPUs) bf16 adapters make every
+        # step many times slower; under fp16 mixed precision (GPUs without bf16) the optimizer would update
+        # bf16 weights. Adapters train in float32 (the optimizer does not exist yet).
         for param in trainable_params:
             param.data = param.data.to(torch.float32)
     trainable = sum(p.numel() for p in trainable_params)

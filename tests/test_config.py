@@ -43,6 +43,10 @@ def test_defaults_build_without_any_file():
         ("lora: [unclosed\n", "is not valid YAML"),
         ("data:\n  train_path: nowhere/missing.jsonl\n", "data.train_path: file 'nowhere/missing.jsonl' does not exist"),
         ("publish:\n  model_name: 'bad name!'\n", "publish.model_name: String should match pattern"),
+        ("training:\n  offload: 'on'\n  gradient_checkpointing: 'off'\n",
+         "training.offload: on keeps checkpointed activations in CPU memory, so it needs training.gradient_checkpointing"),
+        ("execution:\n  gpus: 2\n  isolate_gpu_stages: false\n",
+         "execution.gpus: 2 GPUs need execution.isolate_gpu_stages: true"),
     ],
 )
 def test_invalid_configs_give_one_readable_message(tmp_path, monkeypatch, yaml_text, expected):

@@ -7,7 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qlora_flow.hardware import cap_gpu_memory
+from qlora_flow.hardware import cap_gpu_memory, resolve_compute_dtype
+
+
+def test_float16_on_a_cpu_is_refused_also_when_the_device_was_auto():
+    with pytest.raises(ValueError, match="float16 compute is not supported on the CPU"):
+        resolve_compute_dtype("float16", "cpu")
+    assert resolve_compute_dtype("auto", "cpu") == torch.float32
 
 
 @pytest.mark.parametrize(("budget_gib", "expected"), [(7.0, 0.05), (40.0, 40 / 140), (500.0, 1.0)])

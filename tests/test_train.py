@@ -113,7 +113,16 @@ def test_unchanged_request_reuses_adapter_and_changes_retrain(setup):
     cosmetic.training.logging_steps = 3
     cosmetic.training.offload = "on"
     cosmetic.training.compile = "off"
+    cosmetic.training.gradient_checkpointing = "on"
+    cosmetic.training.memory_budget_gib = 40
     assert training_fingerprint(cosmetic, data, base) == first.fingerprint
+
+    # packing: auto packs on a GPU only, and a packed row holds several examples: another recipe there
+    on_gpu = base.model_copy(update={"device": "cuda"})
+    assert training_fingerprint(cfg, data, on_gpu) != first.fingerprint
+    unpacked = cfg.model_copy(deep=True)
+    unpacked.training.packing = "off"
+    assert training_fingerprint(unpacked, data, on_gpu) == training_fingerprint(unpacked, data, base)
 
 
 def _spawn_child(cfg, data, base, tmp_path: Path) -> tuple[subprocess.Popen, Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_flow.training_plan import ModelShape, estimate_peak_gib, plan_training
+from qlora_flow.training_plan import ModelShape, estimate_peak_gib, plan_training, resolve_packing
 
 LLAMA3_8B = ModelShape(parameters=8_030_261_248, hidden_size=4096, num_layers=32, vocab_size=128_256)
 
@@ -104,6 +104,29 @@ def test_offload_only_when_nothing_fits_without_it_and_only_if_allowed():
     assert forced.offload and forced.gradient_checkpointing  # offload moves checkpointed inputs: needs checkpointing
     cpu = plan_training(device="cpu", shape=LLAMA3_8B, max_seq_length=512, batch_size=8, grad_accum=2, offload="on")
     assert not cpu.offload
+
+
+@pytest.mark.parametrize("budget", [8, 9, 10, 12, 16, 20, 24])
+def test_auto_offloads_only_where_no_profile_fits_without_it(budget):
+    without = _plan(budget, offload="off")
+    fits_without = not without.reason.startswith("smallest profile")
+    auto = _plan(budget)
+    assert auto.offload is not fits_without
+    if fits_without:
+        assert auto == without
+
+
+def test_an_explicit_checkpointing_off_is_kept_when_nothing_fits():
+    plan = _plan(3, checkpointing="off")
+    assert not plan.gradient_checkpointing and not plan.offload and plan.reason.startswith("smallest profile")
+    assert _plan(3).gradient_checkpointing and _plan(3).offload  # auto: the smallest profile there is
+
+
+def test_packing_auto_means_on_gpus_only():
+    assert resolve_packing("auto", "cuda") and not resolve_packing("auto", "cpu")
+    assert resolve_packing("on", "cpu") and not resolve_packing("off", "cuda")
+    cpu = plan_training(device="cpu", shape=LLAMA3_8B, max_seq_length=512, batch_size=8, grad_accum=2)
+    assert not cpu.packing and _plan(80).packing
 
 
 def test_a_tied_embedding_is_the_lm_head_and_stays_on_the_gpu():

@@ -30,8 +30,8 @@ _FIXED_COST_TOKENS = 5100.0
 # Offload (input embedding and checkpointed layer inputs in CPU memory) is only planned with checkpointing.
 # Measured on an H200 at micro-batch 4 (8B): activation offload alone cost 2% (run 11), and the whole offload
 # profile ran at 1.31-1.33x the baseline in 6.2 GiB (run 12), where the same micro-batch without offload does
-# not fit 7 GiB. The planner still charges 10%: offload takes pinned host memory and PCIe bandwidth that other
-# GPUs of the host share, so it is chosen only when nothing fits without it.
+# not fit 7 GiB. Under `auto` it is tried only when nothing fits without it (pinned host memory and PCIe
+# bandwidth are shared with the host's other GPUs); this cost then only ranks the offloaded profiles.
 _OFFLOAD_SLOWDOWN = 1.1
 
 

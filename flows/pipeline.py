@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,8 @@ from prefect.states import Completed
 from pydantic import BaseModel
 
 from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
+from qlora_flow.gpu_runner import flow_gpu_lease
+from qlora_flow.hardware import resolve_device
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
@@ -74,7 +77,14 @@ def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)
+    with flow_gpu_lease(config.execution, resolve_device(config.execution.device)) as gpus:
+        if gpus is not None:
+            logger.info("run %s holds GPUs %s of this host (CUDA_VISIBLE_DEVICES=%s)", run_id, gpus,
+                        os.environ["CUDA_VISIBLE_DEVICES"])  # fmt: skip
+        return _stages(config, run_id, logger)
 
+
+def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Completed:
     # Data validation and base preparation do not depend on each other.
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)

@@ -158,6 +158,33 @@ class GpuTaskRunner(ProcessPoolTaskRunner):
         return future
 
 
+@contextmanager
+def flow_gpu_lease(execution: ExecutionConfig, device: str) -> Iterator[list[int] | None]:
+    """The pipeline's GPU stages run in the flow run's own process (a process or Kubernetes worker starts
+    one per flow run): hold `execution.gpus` GPUs of this host, from the same `gpu:<host>:<i>` leases as
+    GpuTaskRunner, and point CUDA_VISIBLE_DEVICES at them for the block, so two flow runs on one host (a
+    manual run during a scheduled one, a sweep) never share a GPU. Enter it before anything uses CUDA.
+    No lease on CPUs or on Ray, which places its own tasks."""
+    total = host_gpu_count(execution) if device == "cuda" and execution.runner != "ray" else 0
+    if total == 0:
+        yield None
+        return
+    host = socket.gethostname()
+    ensure_gpu_slots(host, total)
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = previous.split(",") if previous else [str(i) for i in range(total)]
+    with gpu_lease(host, total, max(execution.gpus, 1)) as ids:
+        # Lease indices count the GPUs this process can see; a worker already limited to some maps through them.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)
+        try:
+            yield ids
+        finally:
+            if previous is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
 def gpu_task_runner(execution: ExecutionConfig) -> TaskRunner:
     """The runner for GPU stages that the config selects."""
     if execution.runner == "ray":

@@ -110,3 +110,42 @@ def test_sweep_trains_ranks_side_by_side_on_distinct_gpus(tiny_config, monkeypat
     first, second = points
     assert first.started < second.finished and second.started < first.finished, "the two trainings overlapped"
     assert first.eval_loss <= second.eval_loss, "sorted best first"
+
+
+def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_leases(monkeypatch):
+    """flow_gpu_lease, as the pipeline flow holds it: two runs on a 1-GPU host never hold the GPU together,
+    each sees only the leased GPU, and the variable is restored afterwards."""
+    from threading import Thread
+
+    from qlora_flow.gpu_runner import flow_gpu_lease
+
+    monkeypatch.setenv(GPU_COUNT_ENV, "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    execution = PipelineConfig().execution
+    holds: list[tuple[list[int], str, float, float]] = []
+
+    def pipeline_run() -> None:
+        with flow_gpu_lease(execution, "cuda") as ids:
+            started, devices = time.time(), os.environ["CUDA_VISIBLE_DEVICES"]
+            time.sleep(1.0)
+            holds.append((ids, devices, started, time.time()))
+
+    runs = [Thread(target=pipeline_run) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert [(ids, devices) for ids, devices, _, _ in holds] == [([0], "0"), ([0], "0")]
+    (_, _, s1, e1), (_, _, s2, e2) = holds
+    assert e1 <= s2 or e2 <= s1, "two pipeline runs held the same GPU at once"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+    # a worker already limited to some GPUs: lease indices map through its list
+    monkeypatch.setenv(GPU_COUNT_ENV, "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with flow_gpu_lease(execution, "cuda") as ids:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == {0: "5", 1: "7"}[ids[0]]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+    # CPU runs take no lease
+    with flow_gpu_lease(execution, "cpu") as ids:
+        assert ids is None and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"

@@ -160,11 +160,16 @@ class GpuTaskRunner(ProcessPoolTaskRunner):
 
 @contextmanager
 def flow_gpu_lease(execution: ExecutionConfig, device: str) -> Iterator[list[int] | None]:
-    """The pipeline's GPU stages run in the flow run's own process (a process or Kubernetes worker starts
-    one per flow run): hold `execution.gpus` GPUs of this host, from the same `gpu:<host>:<i>` leases as
-    GpuTaskRunner, and point CUDA_VISIBLE_DEVICES at them for the block, so two flow runs on one host (a
-    manual run during a scheduled one, a sweep) never share a GPU. Enter it before anything uses CUDA.
-    No lease on CPUs or on Ray, which places its own tasks."""
+    """The pipeline's GPU stages run in the flow run's own process: hold `execution.gpus` GPUs of this host,
+    from the same `gpu:<host>:<i>` leases as GpuTaskRunner, for the block, so two flow runs on one host (a
+    manual run during a scheduled one, a sweep) never share a GPU. No lease on CPUs or on Ray, which
+    places its own tasks.
+
+    Importing peft (through bitsandbytes) has already initialised CUDA in this process, which fixes the
+    devices the process sees; so in-process stages follow the current device (set to the first leased
+    GPU), and CUDA_VISIBLE_DEVICES, set to the leased GPUs, reaches child processes (training, torchrun)."""
+    import torch
+
     total = host_gpu_count(execution) if device == "cuda" and execution.runner != "ray" else 0
     if total == 0:
         yield None
@@ -173,12 +178,17 @@ def flow_gpu_lease(execution: ExecutionConfig, device: str) -> Iterator[list[int
     ensure_gpu_slots(host, total)
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = previous.split(",") if previous else [str(i) for i in range(total)]
+    in_process = torch.cuda.is_available()  # initialises CUDA now if nothing did: the indices below are in `visible`
     with gpu_lease(host, total, max(execution.gpus, 1)) as ids:
-        # Lease indices count the GPUs this process can see; a worker already limited to some maps through them.
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)
+        previous_device = torch.cuda.current_device() if in_process else None
+        if in_process:
+            torch.cuda.set_device(ids[0])
         try:
             yield ids
         finally:
+            if previous_device is not None:
+                torch.cuda.set_device(previous_device)
             if previous is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:

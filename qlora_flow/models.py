@@ -11,7 +11,6 @@ Sources a base model may come from:
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +126,8 @@ def load_nf4_model(
     attn_implementation: str | None = None,
 ):
     """Load a 4-bit model: a serialized NF4 checkpoint directly, or quantize a 16-bit one on the fly."""
-    # Under torchrun each DDP rank loads its own copy onto its own GPU.
-    target = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else "cpu"
+    # The current GPU: each DDP rank's own under torchrun (tasks/train.py sets it), the leased one in a flow run.
+    target = torch.cuda.current_device() if device == "cuda" else "cpu"
     kwargs: dict = {"dtype": compute_dtype, "device_map": {"": target}}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

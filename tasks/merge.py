@@ -91,7 +91,9 @@ def resolve_verify_dtype(requested: str, saved: torch.dtype, base_dir: Path, dev
 
 
 def _load(path: Path, dtype: torch.dtype, device: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"})
+    # The current GPU: the one this flow run leased (qlora_flow.gpu_runner.flow_gpu_lease).
+    target = torch.cuda.current_device() if device == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": target})
     return model.eval()
 
 

@@ -112,7 +112,7 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
     if base.device == "cuda" and budget is None:
         import torch
 
-        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
+        free, _ = torch.cuda.mem_get_info()  # the current GPU: this rank's, or the flow run's leased one
         budget = free / 2**30
     t = cfg.training
     return plan_training(
@@ -149,8 +149,9 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
     rank = int(os.environ.get("RANK", "0"))
 
     device = base.device
-    if device == "cuda":  # under torchrun: this rank's GPU becomes the default "cuda" device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device == "cuda":
+        if "LOCAL_RANK" in os.environ:  # under torchrun: this rank's GPU becomes the default "cuda" device
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         if cfg.training.memory_budget_gib is not None:
             cap_gpu_memory(cfg.training.memory_budget_gib)
     compute_dtype = resolve_compute_dtype(base.compute_dtype, device)

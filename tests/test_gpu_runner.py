@@ -115,9 +115,10 @@ def test_sweep_trains_ranks_side_by_side_on_distinct_gpus(tiny_config, monkeypat
 def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_leases(monkeypatch):
     """flow_gpu_lease, as the pipeline flow holds it: two runs on a 1-GPU host never hold the GPU together,
     each sees only the leased GPU, and the variable is restored afterwards."""
+    import socket
     from threading import Thread
 
-    from qlora_flow.gpu_runner import flow_gpu_lease
+    from qlora_flow.gpu_runner import ensure_gpu_slots, flow_gpu_lease
 
     monkeypatch.setenv(GPU_COUNT_ENV, "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -140,12 +141,23 @@ def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_lease
     assert e1 <= s2 or e2 <= s1, "two pipeline runs held the same GPU at once"
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
-    # a worker already limited to some GPUs: lease indices map through its list
+    # a worker already limited to GPUs 5 and 7, with CUDA initialised (as importing peft does): children get
+    # the physical id, in-process stages the current device, an index into what the process sees
+    import torch
+
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.__setitem__(0, index))
     monkeypatch.setenv(GPU_COUNT_ENV, "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    with flow_gpu_lease(execution, "cuda") as ids:
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == {0: "5", 1: "7"}[ids[0]]
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+    host = socket.gethostname()
+    ensure_gpu_slots(host, 2)
+    with gpu_lease(host, 2, 1) as taken:  # another run holds the first of the two
+        with flow_gpu_lease(execution, "cuda") as ids:
+            assert (taken, ids) == ([0], [1])
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == "7" and current[0] == 1
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7" and current[0] == 0
     # CPU runs take no lease
     with flow_gpu_lease(execution, "cpu") as ids:
         assert ids is None and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig
-from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner
+from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
@@ -43,6 +43,7 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     """Train and evaluate one rank on the GPUs this task was given (CUDA_VISIBLE_DEVICES)."""
     logger = get_run_logger()
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    use_leased_gpu()  # evaluation runs in this process, whose CUDA was set up before the variable changed
     logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", cfg.lora.r, devices)
     started = time.time()
     store = open_store(cfg.execution)

@@ -31,6 +31,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from qlora_flow.config import ExecutionConfig, PipelineConfig
 
 GPU_TAG = "gpu"
+# The first GPU a GpuTaskRunner task leased, as an index into what its process sees (see use_leased_gpu).
+LEASED_GPU_ENV = "QLORA_FLOW_LEASED_GPU"
 # Set in tests and on CPU boxes to pretend the host has this many GPUs.
 GPU_COUNT_ENV = "QLORA_FLOW_GPUS"
 
@@ -152,10 +154,25 @@ class GpuTaskRunner(ProcessPoolTaskRunner):
         settings = context.get("settings_context")
         with SettingsContext(**settings) if settings else nullcontext():
             with gpu_lease(self.host, self.gpus, need) as ids:
-                pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
+                pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), LEASED_GPU_ENV: str(ids[0])}
                 future = super()._resolve_futures_and_submit(**args, env=pinned)
                 wait([future])  # the lease lasts exactly as long as the task
         return future
+
+
+def use_leased_gpu() -> int | None:
+    """First thing in a GpuTaskRunner task that uses CUDA in-process: make its first leased GPU current.
+
+    Prefect applies the task's environment only after unpickling the task, and importing the task's
+    module imports peft, whose bitsandbytes initialises CUDA: the process already sees every GPU, so
+    CUDA_VISIBLE_DEVICES only reaches child processes (training). Returns the device index set."""
+    import torch
+
+    index = os.environ.get(LEASED_GPU_ENV)
+    if index is None or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_device(int(index))
+    return int(index)
 
 
 @contextmanager

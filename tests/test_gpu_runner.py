@@ -11,13 +11,23 @@ import pytest
 from prefect import flow, task
 
 from qlora_flow.config import PipelineConfig
-from qlora_flow.gpu_runner import GPU_COUNT_ENV, GpuTaskRunner, gpu_lease, gpus_needed, host_gpu_count
+from qlora_flow.gpu_runner import (
+    GPU_COUNT_ENV,
+    LEASED_GPU_ENV,
+    GpuTaskRunner,
+    gpu_lease,
+    gpus_needed,
+    host_gpu_count,
+    use_leased_gpu,
+)
 
 
 @task(tags=["gpu"])
 def hold_gpu(seconds: float) -> tuple[str, float, float]:
     started = time.time()
     time.sleep(seconds)
+    # the index use_leased_gpu makes current for in-process CUDA work
+    assert os.environ[LEASED_GPU_ENV] == os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]
     return os.environ["CUDA_VISIBLE_DEVICES"], started, time.time()
 
 
@@ -161,3 +171,15 @@ def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_lease
     # CPU runs take no lease
     with flow_gpu_lease(execution, "cpu") as ids:
         assert ids is None and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+
+
+def test_a_gpu_task_makes_its_leased_gpu_current_for_in_process_cuda(monkeypatch):
+    import torch
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv(LEASED_GPU_ENV, raising=False)
+    assert use_leased_gpu() is None and current == []  # not a GpuTaskRunner task: nothing to do
+    monkeypatch.setenv(LEASED_GPU_ENV, "1")
+    assert use_leased_gpu() == 1 and current == [1]

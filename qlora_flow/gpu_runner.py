@@ -120,9 +120,9 @@ class GpuTaskRunner(ProcessPoolTaskRunner):
 
     def __enter__(self) -> GpuTaskRunner:
         super().__enter__()
-        # CUDA reads CUDA_VISIBLE_DEVICES once per process, at first use, and Prefect's pool reuses its workers,
-        # so a task on a reused worker would run on its first task's GPUs: one task per (spawned) worker. Prefect
-        # has no option for it; its pool is rebuilt with the same settings plus max_tasks_per_child.
+        # One task per (spawned) worker: a reused worker would keep its earlier task's CUDA context and cached
+        # memory on a GPU whose lease has passed to another task. Prefect has no option for it; its pool is
+        # rebuilt with the same settings plus max_tasks_per_child.
         pool = self._executor
         self._executor = ProcessPoolExecutor(
             pool._max_workers, pool._mp_context, pool._initializer, pool._initargs, max_tasks_per_child=1

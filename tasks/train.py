@@ -209,7 +209,9 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         packing=plan.packing,
         activation_offloading=plan.offload,
         assistant_only_loss=assistant_only,
-        include_num_input_tokens_seen="non_padding",
+        # "non_padding" counts ids != pad; a padding-free packed batch has no padding, and where the pad token is
+        # also the end-of-turn token (SmolLM2's <|im_end|>) it would skip every real end of turn.
+        include_num_input_tokens_seen="all" if plan.packing else "non_padding",
         report_to="none",
         disable_tqdm=True,
         # As in bench/train_gpu.py: collation off the GPU process's thread; on the CPU, workers only compete with it.

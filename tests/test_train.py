@@ -125,6 +125,18 @@ def test_unchanged_request_reuses_adapter_and_changes_retrain(setup):
     assert training_fingerprint(unpacked, data, on_gpu) == training_fingerprint(unpacked, data, base)
 
 
+def test_packed_and_padded_epochs_count_the_same_tokens(setup):
+    """A whole epoch sees every token once either way; padding-free packing has no padding to leave out,
+    and the pad token here is also <|im_end|>, which "non_padding" counting would skip."""
+    cfg, store, data, base = setup
+    counts = []
+    for packing in ("off", "on"):
+        run = cfg.model_copy(deep=True)
+        run.training.packing, run.training.max_steps, run.training.num_epochs = packing, -1, 1
+        counts.append(train_adapter(run, store, data, base).tokens_seen)
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
 def _spawn_child(cfg, data, base, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     spec = tmp_path / "spec.json"
     result = tmp_path / "result.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -40,11 +41,17 @@ class PipelineResult(BaseModel):
     published: PublishedModel | None = None
 
 
-def _flow_run_name() -> str:
-    config = flow_run.parameters.get("config")
-    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-    data_name = Path(cfg.data.train_path).stem
-    return f"{cfg.publish.model_name} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+def run_namer(kind: str = "") -> Callable[[], str]:
+    """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's `config`."""
+
+    def name() -> str:
+        config = flow_run.parameters.get("config")
+        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+        data_name = Path(cfg.data.train_path).stem
+        prefix = f"{kind} " if kind else ""
+        return f"{prefix}{cfg.publish.model_name} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+
+    return name
 
 
 def _run_id(cfg: PipelineConfig) -> str:
@@ -69,7 +76,7 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
     store.write_json(claim, {"flow_run_id": mine})
 
 
-@flow(name="qlora-finetune", flow_run_name=_flow_run_name, log_prints=True)
+@flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True)
 def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
     logger = get_run_logger()

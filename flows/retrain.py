@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from flows.pipeline import PipelineResult, qlora_pipeline
+from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig, check_local_inputs
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.publish import MANIFEST_NAME, alias_key, run_key
@@ -83,7 +83,7 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
     )
 
 
-@flow(name="qlora-retrain", log_prints=True)
+@flow(name="qlora-retrain", flow_run_name=run_namer("retrain"), log_prints=True)
 def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
     """Retrain and publish when the data, base model or training settings differ from production's."""
     logger = get_run_logger()

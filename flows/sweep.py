@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
+from flows.pipeline import run_namer
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.refs import PreparedBase, ValidatedDataset
@@ -58,7 +59,7 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     )  # fmt: skip
 
 
-@flow(name="qlora-lora-sweep", log_prints=True)
+@flow(name="qlora-lora-sweep", flow_run_name=run_namer("sweep"), log_prints=True)
 def lora_sweep(config: PipelineConfig = PipelineConfig(), ranks: list[int] = [4, 8, 16]) -> list[SweepPoint]:  # noqa: B006
     """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss."""
     data_future = validate_dataset_task.submit(config)

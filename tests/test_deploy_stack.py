@@ -176,7 +176,7 @@ def test_manual_run_with_override_publishes_through_the_worker(stack: Stack, man
 def test_scheduled_retrain_is_a_no_op_when_nothing_changed(stack: Stack, manual_run: FlowRun):
     run = _wait_final(run_deployment(SCHEDULED, parameters={"config": stack.tiny}, timeout=0).id, stack)
     assert run.state.type.value == "COMPLETED" and run.state.name == "Unchanged"
-    assert "nothing to retrain" in run.state.message
+    assert "nothing to retrain" in run.state.message and run.name.startswith(f"retrain {MODEL} | train | ")
     assert run.total_run_time.total_seconds() < 60
 
 

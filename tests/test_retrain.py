@@ -31,6 +31,10 @@ def test_unchanged_inputs_end_as_a_no_op_without_training(tiny_config):
 
     assert state.is_completed() and state.name == "Unchanged"
     assert "unchanged since demo-extractor:production (run prod-run-1)" in state.message
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the runs list says what ran: kind, model, data, date
+        assert client.read_flow_run(state.state_details.flow_run_id).name.startswith("retrain demo-extractor | ")
     decision = state.result()
     assert decision.retrain is False and decision.production_run == "prod-run-1"
     store = open_store(tiny_config.execution)

@@ -118,6 +118,12 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype) -> BitsAnd
     )
 
 
+def load_target(device: str) -> int | str:
+    """Where `device_map` puts a model: on a GPU, the current one (each DDP rank's own under torchrun, which
+    tasks/train.py sets; the leased one in a flow run, see qlora_flow.gpu_runner), never a fixed index 0."""
+    return torch.cuda.current_device() if device == "cuda" else "cpu"
+
+
 def load_nf4_model(
     path: str | Path,
     compute_dtype: torch.dtype,
@@ -126,9 +132,7 @@ def load_nf4_model(
     attn_implementation: str | None = None,
 ):
     """Load a 4-bit model: a serialized NF4 checkpoint directly, or quantize a 16-bit one on the fly."""
-    # The current GPU: each DDP rank's own under torchrun (tasks/train.py sets it), the leased one in a flow run.
-    target = torch.cuda.current_device() if device == "cuda" else "cpu"
-    kwargs: dict = {"dtype": compute_dtype, "device_map": {"": target}}
+    kwargs: dict = {"dtype": compute_dtype, "device_map": {"": load_target(device)}}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quant is not None:

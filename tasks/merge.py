@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import combine, library_versions
-from qlora_flow.models import end_of_turn_token_ids
+from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
@@ -91,9 +91,7 @@ def resolve_verify_dtype(requested: str, saved: torch.dtype, base_dir: Path, dev
 
 
 def _load(path: Path, dtype: torch.dtype, device: str):
-    # The current GPU: the one this flow run leased (qlora_flow.gpu_runner.flow_gpu_lease).
-    target = torch.cuda.current_device() if device == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": target})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": load_target(device)})
     return model.eval()
 
 

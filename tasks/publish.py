@@ -1,12 +1,17 @@
 """Publish stage: put one run's model, adapter, reports and a manifest in the store, then move the alias.
 
 Order is what makes a crash at any point safe for consumers:
-  1. copy the adapter, eval and data reports into runs/<run-id>/ (the merged model is there already),
+  1. copy the adapter, eval and data reports into runs/<run-id>/ (the merged model is there already, or,
+     reused from the earlier run that merged it, stays there: its manifest entries name it in `stored_at`),
      verifying each object's size and SHA-256;
   2. write runs/<run-id>/manifest.json, listing every file with size and SHA-256 plus the lineage;
   3. only then, and only when the quality gate passed, move models/<name>/<alias>.json and
      models/<name>/latest.json by compare-and-swap.
 A consumer following an alias therefore always finds a manifest whose files all exist and verify.
+
+A repeat (the alias already serves a publication with the same fingerprint: model, adapter, data, base,
+recipe, measured numbers, publish settings) copies and moves nothing: runs/<run-id>/same-as.json records
+which run's manifest the alias keeps serving.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from prefect.transactions import transaction
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.pull import stored_key
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
@@ -135,6 +141,7 @@ def build_manifest(
     data: ValidatedDataset,
     base: PreparedBase,
     flow_run_id: str | None,
+    stored_at: dict[str, str] | None = None,
 ) -> dict:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -142,7 +149,10 @@ def build_manifest(
         "model_name": cfg.publish.model_name,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "flow_run_id": flow_run_id,
-        "files": [{"path": p, "size": size, "sha256": sha} for p, (size, sha) in sorted(files.items())],
+        "files": [
+            {"path": p, "size": size, "sha256": sha} | ({"stored_at": stored_at[p]} if p in (stored_at or {}) else {})
+            for p, (size, sha) in sorted(files.items())
+        ],
         "total_bytes": sum(size for size, _ in files.values()),
         "metrics": {
             "base": report.base_metrics,
@@ -229,7 +239,9 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
         return None
     run = manifest_key.rsplit("/", 1)[0]
     stored = set(store.list(run))
-    missing = [f["path"] for f in manifest["files"] if f"{run}/{f['path']}" not in stored]
+    missing = [
+        f["path"] for f in manifest["files"] if stored_key(run, f) not in stored and not store.exists(stored_key(run, f))
+    ]
     if hashlib.sha256(manifest_bytes).hexdigest() != document["manifest_sha256"] or missing:
         log.warning("%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
                     document["manifest_uri"], ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
@@ -274,8 +286,11 @@ def publish_run(
 
     plan = _plan(store, merged, adapter, report, data)
     sources = {dst: store.file_info(src) for dst, src in plan.items()}
+    # a merged model reused from an earlier run (qlora_flow.stage_cache) stays where it is; the manifest says where
+    stored_at = {dst: src for dst, src in plan.items() if dst.startswith("model/") and src != f"{run}/{dst}"}
     manifest = build_manifest(
-        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id
+        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id,
+        stored_at=stored_at,
     )
 
     if store.exists(manifest_key):
@@ -290,15 +305,13 @@ def publish_run(
     else:
         for dst, src in plan.items():
             target = f"{run}/{dst}"
-            if src == target:  # the merged model, verified when the merge stage committed it
+            if src == target or dst in stored_at:  # the merged model, verified when the merge stage committed it
                 continue
             if _info_or_none(store, target) != sources[dst]:  # skips copies a crashed attempt finished
                 store.copy(src, target)
                 if _info_or_none(store, target) != sources[dst]:
                     raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
-        # the merge stage committed a model it stored in place; one reused from another run was copied above
-        model_in_place = store.key_of(merged.uri) == f"{run}/model"
-        for part in sorted({dst.split("/", 1)[0] for dst in plan} - ({"model"} if model_in_place else set())):
+        for part in sorted({dst.split("/", 1)[0] for dst in plan} - {"model"}):
             listing = {
                 dst.split("/", 1)[1]: {"size": size, "sha256": sha}
                 for dst, (size, sha) in sources.items()
@@ -307,7 +320,7 @@ def publish_run(
             store.write_json(f"{run}/{part}/{COMPLETE_MARKER}", {"files": listing})
         store.write_json(manifest_key, manifest)
 
-    model_uri = store.uri(f"{run}/model")
+    model_uri = merged.uri
     manifest_bytes = store.read_bytes(manifest_key)
     alias_uri = None
     if report.verdict.passed:

@@ -104,5 +104,6 @@ def test_unchanged_rerun_is_a_cache_hit_end_to_end(prefect_api, tiny_config, tmp
     assert measured == ["measure"] and merged == []
     assert third.merged == first.merged and third.status == "published"
     assert third.report.tuned_metrics["generation_samples"] == 2
+    assert {k for k in _safetensors(store_root).keys() - models_before.keys() if "/model/" in k} == set()
     pulled = pull_model(str(store_root), name, "production", tmp_path / "pulled-3")
     assert json.loads((pulled / "manifest.json").read_text())["run_id"] == third.run_id

@@ -12,7 +12,7 @@ from s3server import stage_run
 import tasks.evaluate as evaluate
 import tasks.merge as merge
 from qlora_flow.config import load_config
-from qlora_flow.pull import pull_model
+from qlora_flow.pull import PullError, pull_model
 from qlora_flow.stage_cache import entry_key, evaluation_fingerprint, merge_fingerprint
 from qlora_flow.store import LocalStore
 from tasks.publish import SAME_AS_NAME, publish_run
@@ -126,14 +126,22 @@ def test_publish_of_a_repeat_stores_nothing_and_stays_pullable(tmp_path, chat_js
     pulled = pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled")
     assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files
 
-    # new numbers for the same model (an evaluation setting changed): a full publication that moves the alias;
-    # the model it reuses from run-1 is copied so that run-3's manifest is complete on its own
+    # new numbers for the same model (an evaluation setting changed): a new manifest that moves the alias and
+    # names the model files where run-1 stored them instead of copying them
     changed = refs | {"report": refs["report"].model_copy(update={"fingerprint": "eval-fp-2"})}
     third = publish_run(cfg, store, "run-3", **changed)
-    assert third.alias_moved and third.same_as_run is None
-    assert store.is_complete("runs/run-3/model")
+    assert third.alias_moved and third.same_as_run is None and third.model_uri == first.model_uri
+    assert not store.exists("runs/run-3/model")
+    manifest = store.read_json("runs/run-3/manifest.json")
+    model_entries = [f for f in manifest["files"] if f["path"].startswith("model/")]
+    assert {f["stored_at"] for f in model_entries} == {f"runs/run-1/{f['path']}" for f in model_entries}
     pulled = pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled-3")
     assert json.loads((pulled / "manifest.json").read_text())["run_id"] == "run-3"
+    assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files
+    # and the SHA-256 list still guards those bytes
+    (store.path / "runs/run-1/model/tokenizer.json").write_bytes(b"changed after publishing")
+    with pytest.raises(PullError, match="tokenizer.json of .* failed verification"):
+        pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled-4")
 
 
 def test_damaged_served_publication_is_published_again(tmp_path, chat_jsonl, caplog):

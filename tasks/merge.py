@@ -436,7 +436,11 @@ def merge_or_reuse(
     fingerprint = merge_fingerprint(cfg, base, adapter, data)
     cached = read_entry(store, "merged", fingerprint, MergeEntry)
     if cached is not None:
-        if store.is_complete(store.key_of(cached.merged.uri)):
+        try:
+            present = store.is_complete(store.key_of(cached.merged.uri))
+        except ValueError:  # recorded under another store root (a moved local store)
+            present = False
+        if present:
             log.info("adapter %s was already merged and verified by run %s; reusing %s",
                      adapter.fingerprint[:16], cached.run_id, cached.merged.uri)  # fmt: skip
             return cached.merged

@@ -225,17 +225,19 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     """(alias document, manifest) when the alias already serves an intact publication with this fingerprint."""
     if fingerprint is None:
         return None
-    document, _ = store.read_alias(alias_key(cfg.publish.model_name, cfg.publish.alias))
+    key = alias_key(cfg.publish.model_name, cfg.publish.alias)
+    document, _ = store.read_alias(key)
     if document is None:
         return None
-    manifest_key = store.key_of(document["manifest_uri"])
     try:
+        manifest_key = store.key_of(document["manifest_uri"])
         manifest_bytes = store.read_bytes(manifest_key)
         manifest = json.loads(manifest_bytes)
-    except (FileNotFoundError, ValueError) as exc:
-        log.warning("%s is unreadable (%s); publishing this run in full", document["manifest_uri"], exc)
+        served = manifest["lineage"].get("publication", {}).get("fingerprint")
+    except (KeyError, FileNotFoundError, ValueError) as exc:  # a damaged alias is replaced by this publication
+        log.warning("%s names no readable manifest (%s); publishing this run in full", store.uri(key), exc)
         return None
-    if manifest["lineage"].get("publication", {}).get("fingerprint") != fingerprint:
+    if served != fingerprint:
         return None
     run = manifest_key.rsplit("/", 1)[0]
     stored = set(store.list(run))

@@ -157,3 +157,15 @@ def test_damaged_served_publication_is_published_again(tmp_path, chat_jsonl, cap
     assert again.alias_moved and again.same_as_run is None
     pulled = pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled")
     assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files
+
+
+def test_alias_without_a_readable_manifest_does_not_block_publishing(tmp_path, chat_jsonl, caplog):
+    cfg = load_config(None, {"data.train_path": str(chat_jsonl), "execution.store": str(tmp_path / "store")})
+    store = LocalStore(tmp_path / "store")
+    store.write_json(f"models/{cfg.publish.model_name}/production.json", {"run_id": "hand-written"})
+    run = stage_run(store, "run-1")
+    refs = run.refs | {"report": run.refs["report"].model_copy(update={"fingerprint": "eval-fp"})}
+    with caplog.at_level(logging.WARNING, logger="tasks.publish"):
+        published = publish_run(cfg, store, "run-1", **refs)
+    assert "names no readable manifest" in caplog.text
+    assert published.alias_moved and store.read_json(f"models/{cfg.publish.model_name}/production.json")["run_id"] == "run-1"

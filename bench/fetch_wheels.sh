@@ -30,10 +30,11 @@ case "${1:-}" in
   unsloth)
     # Versions that accept the image's transformers 5.17 and torch 2.11 (unsloth pins trl <= 1.15 and
     # datasets < 5, so they get their own copies here); installed with --no-deps, so only what
-    # `import unsloth` and its Llama training path import travel. xformers: Unsloth's attention for packed rows.
+    # `import unsloth` and its Llama training path import travel. No xformers: PyPI's newest (0.0.35) is
+    # built for torch 2.10 + CUDA 12.8 and Unsloth refuses it on the image's 2.11 + CUDA 13 (uses PyTorch's SDPA).
     U=$(realpath -m "${DEST_UNSLOTH:-.whl-unsloth}"); mkdir -p "$U"
     "${GET[@]}" -d "$U" unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 \
-      cut_cross_entropy==25.1.1 xformers==0.0.35
+      cut_cross_entropy==25.1.1
     # Unsloth's wheel carries its web "studio" (82 of 90 MB): training never imports it.
     for whl in "$U"/unsloth-*.whl; do repack "$whl" rm -r studio; done
     du -sh "$U"; exit ;;

@@ -40,19 +40,19 @@ train() {  # GPUS WORKLOADS PROFILES FILE: rows are printed and written as they 
 }
 case "${1:-}" in
   check)
-    PYTHONPATH=$UNSLOTH_SITE:$PYTHONPATH python3 -c "import unsloth, trl, transformers, peft, torch, xformers
+    PYTHONPATH=$UNSLOTH_SITE:$PYTHONPATH python3 -c "import unsloth, trl, transformers, peft, torch
 print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', transformers.__version__,
-      'peft', peft.__version__, 'torch', torch.__version__, 'xformers', xformers.__version__)" 2>&1 | tail -5
+      'peft', peft.__version__, 'torch', torch.__version__)" 2>&1 | tail -5
     SHAPE=llama3.2-1b STEPS=3 WARMUP=1 train 0 W1,W2 unsloth,seed check.jsonl ;;
   side-w1)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W1 seed,ours,unsloth,budget40,unsloth40 side-w1.jsonl ;;
+    train 0 W1 "${PROFILES:-unsloth,seed,ours,unsloth40,budget40}" side-w1.jsonl ;;
   side-w1-low)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W1 seed,budget16,unsloth16,lowmem,unsloth7 side-w1-low.jsonl ;;
+    train 0 W1 "${PROFILES:-unsloth7,lowmem,unsloth16,budget16,seed}" side-w1-low.jsonl ;;
   side-w2)
     build > "$OUT/build.jsonl" 2>&1
-    train 0 W2 "${PROFILES:-seed,ours,unsloth,lowmem,unsloth7,budget16,unsloth16,budget40,unsloth40}" side-w2.jsonl ;;
+    train 0 W2 "${PROFILES:-unsloth,ours,seed,unsloth7,lowmem,unsloth16,budget16,unsloth40,budget40}" side-w2.jsonl ;;
   variants)
     (build > "$OUT/build.jsonl" 2>&1; train 0 W1 ours,ours+liger,ours+compile,ours+prof w1-variants.jsonl) &
     # Random weights give near-flat logits, whose top-1 flips under any bf16 rounding: 0.9, not 0.99.

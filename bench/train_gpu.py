@@ -159,7 +159,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     if profile in ("baseline", "seed"):
         return dict(packing=False, gradient_checkpointing=True, compile=False, offload=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
                     plan=f"{profile} recipe", params=params, max_length=None)  # fmt: skip
-    if profile != "ours" and budget_of(profile) is None:
+    if profile not in ("ours", "unsloth") and budget_of(profile) is None:
         raise SystemExit(f"unknown profile {profile!r}: baseline, seed, ours, budget<N>, lowmem, unsloth, unsloth<N>")
     budget = budget_of(profile) or free_gib
     # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
@@ -373,7 +373,8 @@ def measure(args, workload: str, profile: str, deadline: float) -> dict:
     while True:
         command = _child_command(args, workload, profile)
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
+            left = None if deadline == float("inf") else max(deadline - time.monotonic(), 1)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=left)
         except subprocess.TimeoutExpired:
             return {"shape": args.shape, "workload": workload, "profile": profile, "error": "time limit: row killed"}
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

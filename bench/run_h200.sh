@@ -28,7 +28,7 @@ if compgen -G ".whl-unsloth/*.whl" > /dev/null; then
   "${INSTALL[@]}" --target /tmp/site-unsloth .whl-unsloth/*.whl >> "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
   export UNSLOTH_SITE=/tmp/site-unsloth
 fi
-python3 -c "import trl, bitsandbytes, tasks.merge; print('imports ok')" 2>&1 | tail -3
+python3 -c "import trl, bitsandbytes; print('imports ok')" 2>&1 | tail -3
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
 ROOT=/tmp/bench-models
 left() { echo $((PHASE_S - SECONDS)); }
@@ -60,7 +60,9 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
       --root /tmp/merge-bench --min-top1-agreement 0.9 > "$OUT/merge-8b.jsonl" 2> "$OUT/merge-8b.err") &
     wait ;;
   sweep)
-    timeout "$(left)" python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 100 > "$OUT/sweep.json" 2> "$OUT/sweep.err" ;;
+    # Needs `bash bench/fetch_wheels.sh prefect` in .whl/ (carry .whl alone: Unsloth's wheels are not used here).
+    python3 -c "import prefect, pandera, flows.sweep; print('prefect stack imports ok')" 2>&1 | tail -3
+    timeout "$(left)" python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 100 2> "$OUT/sweep.err" | tee "$OUT/sweep.jsonl" ;;
   final)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 baseline,ours,budget40,lowmem w1-final.jsonl &

@@ -411,10 +411,14 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     deadline = time.monotonic() + (args.time_limit_s or float("inf"))
-    timings = build_model_dirs(args.shape, Path(args.root))
-    print(json.dumps({"shape": args.shape, **timings}), flush=True)
     if args.build_only:
+        timings = build_model_dirs(args.shape, Path(args.root))
+        print(json.dumps({"shape": args.shape, **timings}), flush=True)
         return
+    # In a child: the NF4 load it times would otherwise keep ~6 GiB of this GPU (CUDA context and cached
+    # blocks) for the whole run, and the whole-GPU rows plan for what is free.
+    build = [sys.executable, __file__, "--shape", args.shape, "--root", args.root, "--build-only"]
+    print(subprocess.run(build, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
     results = []
     for workload in args.workloads.split(","):
         for profile in args.profiles.split(","):

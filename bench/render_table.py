@@ -99,8 +99,8 @@ def _steps(row: dict) -> str:
 
 def render(files: list[Path]) -> str:
     lines = [
-        "| host, run | workload | profile | budget | settings | real tokens/s | vs seed | vs Unsloth | vs baseline "
-        "| peak reserved | MFU | step s median (min-max), steps |",
+        ("| host, run | workload | profile | budget | settings | real tokens/s | vs seed | vs Unsloth | vs baseline "
+         "| peak reserved | MFU | step s median (min-max), steps |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in files:

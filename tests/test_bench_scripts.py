@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import render_table, train_gpu  # noqa: E402
+from bench import render_table, train_gpu
 
 
 def test_prune_drops_image_packages_but_not_packages_whose_names_start_alike(tmp_path):

@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from s3server import stage_run
+from s3server import moto_server, s3env, stage_run  # noqa: F401  (fixtures)
 
 import tasks.evaluate as evaluate
 import tasks.merge as merge
@@ -169,3 +169,24 @@ def test_alias_without_a_readable_manifest_does_not_block_publishing(tmp_path, c
         published = publish_run(cfg, store, "run-1", **refs)
     assert "names no readable manifest" in caplog.text
     assert published.alias_moved and store.read_json(f"models/{cfg.publish.model_name}/production.json")["run_id"] == "run-1"
+
+
+def test_repeat_and_reused_model_on_s3(s3env, chat_jsonl, tmp_path):
+    """The same on S3: a repeat uploads nothing, a reused model is named where it lies, both pull verified."""
+    cfg = load_config(None, {"data.train_path": str(chat_jsonl), "publish.model_name": "extractor"})
+    store = s3env.store(tmp_path / "cache")
+    run = stage_run(store, "run-1")
+    refs = run.refs | {"report": run.refs["report"].model_copy(update={"fingerprint": "eval-fp"})}
+    publish_run(cfg, store, "run-1", **refs)
+    objects = s3env.objects("store/")
+
+    assert publish_run(cfg, store, "run-2", **refs).same_as_run == "run-1"
+    assert s3env.objects("store/").keys() - objects.keys() == {f"store/runs/run-2/{SAME_AS_NAME}"}
+
+    changed = refs | {"report": refs["report"].model_copy(update={"fingerprint": "eval-fp-2"})}
+    assert publish_run(cfg, store, "run-3", **changed).alias_moved
+    assert not [k for k in s3env.objects("store/runs/run-3/") if "/model/" in k]
+    for alias, dest in (("production", "p"), ("latest", "l")):
+        pulled = pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, tmp_path / dest, s3=s3env.settings())
+        assert json.loads((pulled / "manifest.json").read_text())["run_id"] == "run-3"
+        assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files

@@ -113,7 +113,7 @@ def pause_reason(client: SyncPrefectClient, deployment_id: UUID) -> PauseReason 
         trigger = next((r.id for r in action.related if r.role == "triggering-event"), None)
         rejection = None
         if trigger:
-            page = client.read_events(filter=EventFilter(id=EventIDFilter(id=[UUID(trigger.removeprefix("prefect.event."))])))
+            page = client.read_events(filter=EventFilter(id=EventIDFilter(id=[UUID(trigger.removeprefix("prefect.event."))])), limit=1)
             rejection = page.events[0] if page.events else None
         return PauseReason(when=action.occurred, by=f'automation "{action.resource.name}"', rejection=rejection)
     if update is not None:

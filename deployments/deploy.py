@@ -4,7 +4,8 @@
 
 Deployments (parameters default to the config file; the UI shows them as a typed form built from
 PipelineConfig's schema):
-  qlora-finetune/manual        click "Run" (or trigger through the API) with any config override
+  qlora-finetune/manual        click "Run" (or trigger through the API or `prefect deployment run`);
+                               a `config` fragment or dotted `overrides` apply on top of this config
   qlora-retrain/scheduled      cron + timezone from the config's `schedule` section; a no-op
                                when data and base are what production was trained on
   qlora-lora-sweep/manual      LoRA ranks side by side on this host's GPUs (or Ray)
@@ -133,6 +134,7 @@ def ensure_pause_on_rejection(cfg: PipelineConfig, scheduled_ids: list[UUID], wo
     elsewhere (another alias or store, or publishing off) leave the schedule alone. `workdirs`: where
     the deployments' flow runs resolve a relative local store."""
     model = cfg.publish.model_name
+    resources = {model_resource(cfg, workdir)["prefect.resource.id"] for workdir in workdirs}
     name = f"pause retraining of {model} on model.rejected"
     try:
         Automation.read(name=name).delete()
@@ -143,10 +145,7 @@ def ensure_pause_on_rejection(cfg: PipelineConfig, scheduled_ids: list[UUID], wo
         description="A rejected model stops the schedule; resume the deployment after fixing data or config.",
         trigger=EventTrigger(
             expect={"model.rejected"},
-            match={
-                "prefect.resource.id": sorted({model_resource(cfg, workdir)["prefect.resource.id"] for workdir in workdirs}),
-                ALIAS_LABEL: cfg.publish.alias,
-            },
+            match={"prefect.resource.id": sorted(resources), ALIAS_LABEL: cfg.publish.alias},
             posture=Posture.Reactive,
             threshold=1,
         ),

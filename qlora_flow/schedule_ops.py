@@ -92,11 +92,18 @@ def _latest(client: SyncPrefectClient, event_filter, keep) -> Event | None:
 
 
 def pause_reason(client: SyncPrefectClient, deployment_id: UUID) -> PauseReason | None:
-    """Why a deployment is paused, from the server's events (kept PREFECT_EVENTS_RETENTION_PERIOD, 7 days by default).
+    """Why a deployment is paused, from the server's events (kept for PREFECT_SERVER_EVENTS_RETENTION_PERIOD,
+    7 days by default).
 
     A pause is a `prefect.deployment.updated` event (paused -> true); when an automation paused it, the
     automation's `action.executed` event follows that update, so a later update means a pause by hand."""
-    from prefect.events.filters import EventFilter, EventIDFilter, EventNameFilter, EventRelatedFilter, EventResourceFilter
+    from prefect.events.filters import (
+        EventFilter,
+        EventIDFilter,
+        EventNameFilter,
+        EventRelatedFilter,
+        EventResourceFilter,
+    )
 
     resource = f"prefect.deployment.{deployment_id}"
     update = _latest(
@@ -113,7 +120,8 @@ def pause_reason(client: SyncPrefectClient, deployment_id: UUID) -> PauseReason 
         trigger = next((r.id for r in action.related if r.role == "triggering-event"), None)
         rejection = None
         if trigger:
-            page = client.read_events(filter=EventFilter(id=EventIDFilter(id=[UUID(trigger.removeprefix("prefect.event."))])), limit=1)
+            event_id = UUID(trigger.removeprefix("prefect.event."))
+            page = client.read_events(filter=EventFilter(id=EventIDFilter(id=[event_id])), limit=1)
             rejection = page.events[0] if page.events else None
         return PauseReason(when=action.occurred, by=f'automation "{action.resource.name}"', rejection=rejection)
     if update is not None:
@@ -154,7 +162,7 @@ def format_status(statuses: list[ScheduleStatus]) -> str:
         if not s.paused:
             continue
         if s.reason is None:
-            lines.append("    paused; no event on the server says by whom (events older than the retention period are gone)")
+            lines.append("    paused; no event on the server says by whom (events past the retention period are gone)")
         else:
             lines.append(f"    paused {s.reason.when:%Y-%m-%d %H:%M:%S} UTC by {s.reason.by}")
             event = s.reason.rejection
@@ -162,7 +170,8 @@ def format_status(statuses: list[ScheduleStatus]) -> str:
                 run = next((r for r in event.related if r.role == "flow-run"), None)
                 flow_run = f", flow run '{run.name}' ({run.id.removeprefix('prefect.flow-run.')})" if run else ""
                 lines.append(f"    after {event.event} of run {event.payload.get('run_id')}{flow_run}")
-                lines.append(f"    store {event.resource.get(STORE_LABEL, '?')}, alias {event.resource.get(ALIAS_LABEL, '?')}; reasons:")
+                store, alias = event.resource.get(STORE_LABEL, "?"), event.resource.get(ALIAS_LABEL, "?")
+                lines.append(f"    store {store}, alias {alias}; reasons:")
                 lines.extend(f"      - {reason}" for reason in event.payload.get("reasons", []))
         lines.append(f"    resume: qlora-flow schedule resume {s.model}")
     return "\n".join(lines)

@@ -76,11 +76,15 @@ def test_only_a_production_rejection_pauses_and_status_says_why_then_resume(stac
 
     with get_client(sync_client=True) as client:
         _wait(lambda: client.read_deployment(ids[SCHEDULED]).paused, "the automation to pause the schedule")
-        time.sleep(3)  # the non-production events came first; give any wrong trigger time to show up
-        triggered = client.read_events(filter=EventFilter(
-            event=EventNameFilter(name=["prefect.automation.triggered"]),
-            resource=EventResourceFilter(labels={"prefect.resource.name": AUTOMATION})), limit=50)  # fmt: skip
-        assert [e.payload["triggering_event"]["id"] for e in triggered.events] == [str(production.id)]
+
+        def triggered_by() -> list[str]:
+            page = client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=["prefect.automation.triggered"]),
+                resource=EventResourceFilter(labels={"prefect.resource.name": AUTOMATION})), limit=50)  # fmt: skip
+            return [e.payload["triggering_event"]["id"] for e in page.events]
+
+        # the other rejections were emitted (and evaluated) first: had one matched, it would be here too
+        assert _wait(triggered_by, "the automation's triggered event") == [str(production.id)]
         assert not client.read_deployment(ids[MANUAL]).paused
     assert {experiment.resource["qlora-flow.alias"], unpublished.resource.get("qlora-flow.alias")} == {"experiment", None}
 

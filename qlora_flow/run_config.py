@@ -80,7 +80,8 @@ def resolve_run_config(config: PipelineConfig | dict | None, overrides: dict | N
     elif config is None or isinstance(config, dict):
         found = deployment_config()
         base_name, base = (f"deployment {found[0]}'s config", found[1]) if found else ("the defaults", {})
-        raw = copy.deepcopy(merge_config(base, config or {}))  # apply_overrides must not edit base or the caller's dict
+        # a copy: apply_overrides edits it in place, and must not edit base or the caller's dict
+        raw = copy.deepcopy(merge_config(base, config or {}))
     else:
         raise ConfigError(f"config: expected a mapping of config sections, got {type(config).__name__} {config!r}")
     if not isinstance(overrides or {}, dict):

@@ -19,9 +19,9 @@ from pydantic import BaseModel
 
 from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.layout import MANIFEST_NAME, alias_key, run_key
 from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import ArtifactStore, open_store
-from tasks.publish import MANIFEST_NAME, alias_key, run_key
 from tasks.train import recipe_fingerprint
 
 

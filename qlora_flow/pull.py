@@ -12,11 +12,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qlora_flow import layout
 from qlora_flow.config import S3Settings
 from qlora_flow.fingerprint import sha256_file
+from qlora_flow.layout import MANIFEST_NAME
 from qlora_flow.store import ArtifactStore, LocalStore
 
-MANIFEST_NAME = "manifest.json"
 _MODEL_PART = "model/"
 
 
@@ -47,7 +48,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
         store = _open(store_uri, s3, staging / ".cache")
-        alias_key = f"models/{name}/{alias}.json"
+        alias_key = layout.alias_key(name, alias)
         pointer, _ = store.read_alias(alias_key)
         if pointer is None:
             raise PullError(f"{store.uri(alias_key)} does not exist: nothing is published as {name}:{alias}")

@@ -21,12 +21,12 @@ from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.layout import CACHE_ENTRY_NAME, cache_key
 from qlora_flow.refs import AdapterRef, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-ENTRY_NAME = "entry.json"
 Entry = TypeVar("Entry", bound=BaseModel)
 
 
@@ -67,7 +67,7 @@ def merge_fingerprint(
 
 
 def entry_key(kind: str, fingerprint: str) -> str:
-    return f"cache/{kind}/{fingerprint[:24]}"
+    return cache_key(kind, fingerprint)
 
 
 def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[Entry]) -> Entry | None:
@@ -76,7 +76,7 @@ def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[En
     if not store.is_complete(key):
         return None
     try:
-        return model.model_validate_json(store.read_bytes(f"{key}/{ENTRY_NAME}"))
+        return model.model_validate_json(store.read_bytes(f"{key}/{CACHE_ENTRY_NAME}"))
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         log.warning("cache entry %s is unreadable (%s); computing it again", store.uri(key), exc)
         return None
@@ -85,5 +85,5 @@ def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[En
 def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseModel) -> str:
     key = entry_key(kind, fingerprint)
     out = store.workdir(key)
-    (out / ENTRY_NAME).write_text(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
+    (out / CACHE_ENTRY_NAME).write_text(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
     return store.commit(key)

@@ -31,6 +31,7 @@ from prefect.events import emit_event
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from qlora_flow.config import GateRules, PipelineConfig
+from qlora_flow.layout import EVAL_REPORT_NAME, alias_key, run_eval_key
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
@@ -206,14 +207,14 @@ def production_metrics(store: ArtifactStore, cfg: PipelineConfig) -> tuple[str |
 
     An alias whose run has no eval report raises: a gate that cannot check must not pass silently.
     """
-    alias_key = f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json"
-    if not store.exists(alias_key):
+    key = alias_key(cfg.publish.model_name, cfg.publish.alias)
+    if not store.exists(key):
         return None, None
-    prod_run = store.read_json(alias_key)["run_id"]
-    report_key = f"runs/{prod_run}/eval/report.json"
+    prod_run = store.read_json(key)["run_id"]
+    report_key = f"{run_eval_key(prod_run)}/{EVAL_REPORT_NAME}"
     if not store.exists(report_key):
         raise FileNotFoundError(
-            f"{store.uri(alias_key)} points at run {prod_run}, which has no eval report at {store.uri(report_key)}"
+            f"{store.uri(key)} points at run {prod_run}, which has no eval report at {store.uri(report_key)}"
         )
     return prod_run, store.read_json(report_key)["tuned_metrics"]
 
@@ -356,7 +357,7 @@ def evaluate_adapter(
         prod_run, prod_metrics = production_metrics(store, cfg)
     verdict = decide_gate(cfg.evaluation.gate, base_metrics, tuned_metrics, prod_metrics, prod_run)
 
-    key = f"runs/{run_id}/eval"
+    key = run_eval_key(run_id)
     out = store.workdir(key)
     samples = [
         {
@@ -391,7 +392,7 @@ def evaluate_adapter(
         "base_fingerprint": base.fingerprint,
         "eval_rows": len(conversations),
     }
-    (out / "report.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    (out / EVAL_REPORT_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
     plot_link = "\n![loss curve](loss_curve.png)\n" if has_plot else ""
     (out / "report.md").write_text(comparison_markdown(report, run_id) + plot_link)
     store.commit(key)

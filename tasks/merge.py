@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import combine, library_versions
+from qlora_flow.layout import run_model_key
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import MergeEntry, entry_key, merge_fingerprint, read_entry, write_entry
@@ -382,7 +383,7 @@ def merge_adapter(
         del model
         _release(device)
 
-    key = f"runs/{run_id}/model"
+    key = run_model_key(run_id)
     out = store.workdir(key)
 
     def merge_and_verify(save_dtype: torch.dtype) -> tuple[dict, list[str]]:

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.layout import ADAPTER_REF_NAME, adapter_key
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
 from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
@@ -64,10 +65,6 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
         code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
         library_versions(),
     )
-
-
-def adapter_key(fingerprint: str) -> str:
-    return f"cache/adapter/{fingerprint[:24]}"
 
 
 def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
@@ -309,7 +306,7 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         trainer.model.save_pretrained(out)
         tokenizer.chat_template = original_template
         tokenizer.save_pretrained(out)
-        (out / "adapter_ref.json").write_text(ref.model_dump_json(indent=2))
+        (out / ADAPTER_REF_NAME).write_text(ref.model_dump_json(indent=2))
         store.commit(adapter_out_key)
     return ref
 
@@ -409,7 +406,7 @@ def train_adapter(
     key = adapter_key(training_fingerprint(cfg, data, base))
     if store.is_complete(f"{key}/adapter"):
         log.info("adapter %s already trained; reusing it", key)
-        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/adapter_ref.json"))
+        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/{ADAPTER_REF_NAME}"))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
     return run_training(cfg, store, data, base)

@@ -21,8 +21,8 @@ from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig, check_local_inputs
 from qlora_flow.layout import MANIFEST_NAME, alias_key, run_key
 from qlora_flow.run_config import resolve_and_record
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import ArtifactStore, open_store
-from tasks.train import recipe_fingerprint
 
 
 class Fingerprints(BaseModel):

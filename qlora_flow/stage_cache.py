@@ -1,4 +1,4 @@
-"""Cache entries of the stages after training, keyed by content fingerprints like the adapter.
+"""Fingerprints of the stage results, and the cache entries of the stages after training.
 
     cache/eval/<fp>/entry.json     what evaluating cost: base and tuned metrics and answers. Not the gate
                                    verdict: the gate compares against whatever `production` is at the time,
@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 Entry = TypeVar("Entry", bound=BaseModel)
 
 
+# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
+# choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
+_NON_RESULT_TRAINING_FIELDS = {
+    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
+}
+
+
+def recipe_fingerprint(cfg: PipelineConfig) -> str:
+    """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
+    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
+    return combine("recipe", cfg.lora, training, cfg.quantization)
+
+
 class Measurement(BaseModel):
     """Evaluation numbers of one adapter on one eval split under one set of evaluation settings."""
 
@@ -50,7 +63,8 @@ def evaluation_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Pr
     return combine(
         "evaluation", adapter.fingerprint, data.fingerprint, base.fingerprint, base.compute_dtype, base.device,
         cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
-        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models"), library_versions(),
+        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models", "qlora_flow.stage_inputs"),
+        library_versions(),
     )  # fmt: skip
 
 
@@ -62,7 +76,8 @@ def merge_fingerprint(
     return combine(
         "merge", adapter.fingerprint, base.fingerprint, base.device, cfg.merge, cfg.evaluation.max_new_tokens,
         data.fingerprint if data else "eval-report-samples",
-        code_version("tasks.merge", "qlora_flow.models"), library_versions(),
+        code_version("tasks.merge", "qlora_flow.models", "qlora_flow.stage_inputs", "qlora_flow.training_template"),
+        library_versions(),
     )  # fmt: skip
 
 

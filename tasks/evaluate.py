@@ -34,43 +34,13 @@ from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.layout import EVAL_REPORT_NAME, alias_key, run_eval_key
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
-from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
+from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import Measurement, entry_key, evaluation_fingerprint, read_entry, write_entry
+from qlora_flow.stage_inputs import Conversation, local_path, read_conversations, run_tokenizer
 from qlora_flow.store import ArtifactStore, open_store
 
 log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
-
-
-# ---------------------------------------------------------------- reading inputs
-
-
-def local_path(store: ArtifactStore, uri: str) -> Path:
-    """A local directory/file for a reference's URI: fetched from the store, or the path itself when the
-    URI lies outside the store (e.g. a base model used in place from a local directory)."""
-    try:
-        key = store.key_of(uri)
-    except ValueError:
-        if Path(uri).exists():
-            return Path(uri)
-        raise
-    return store.fetch(key)
-
-
-def read_conversations(store: ArtifactStore, uri: str) -> list[Conversation]:
-    """The `messages` column of a validated split (parquet)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(store.fetch_file(uri))
-    return [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
-
-
-def run_tokenizer(adapter_dir: Path, base_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with the adapter (what training used), else the base's."""
-    return load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir)
-
 
 # ---------------------------------------------------------------- loss on assistant tokens
 

@@ -37,8 +37,8 @@ from qlora_flow.layout import MANIFEST_NAME, SAME_AS_NAME, alias_key, run_key
 from qlora_flow.model_events import model_resource
 from qlora_flow.pull import stored_key
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
-from tasks.train import recipe_fingerprint
 
 log = logging.getLogger(__name__)
 

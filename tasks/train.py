@@ -38,31 +38,24 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_key
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
 from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
+from qlora_flow.training_template import training_template
 
 log = logging.getLogger(__name__)
 
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
-# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
-# choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
-_NON_RESULT_TRAINING_FIELDS = {
-    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
-}
-
-
-def recipe_fingerprint(cfg: PipelineConfig) -> str:
-    """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
-    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
-    return combine("recipe", cfg.lora, training, cfg.quantization)
-
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
     # `packing: auto` packs on GPUs only, and a packed row holds several examples: resolved, it names the recipe.
     packed = resolve_packing(cfg.training.packing, base.device)
     return combine(
         "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg), {"packed": packed},
-        code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
+        code_version(
+            "tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan",
+            "qlora_flow.training_template",
+        ),
         library_versions(),
     )
 
@@ -77,20 +70,6 @@ def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tu
         return None
     step = max(steps)
     return step, f"{checkpoints_key}/checkpoint-{step}"
-
-
-def _training_template(tokenizer) -> str | None:
-    """A chat template with `{% generation %}` markers, or None when assistant-only masking is impossible."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    from qlora_flow.models import chatml_training_template
-
-    if has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        return get_training_chat_template(tokenizer) or tokenizer.chat_template
-    except ValueError:
-        return chatml_training_template(tokenizer.chat_template)
 
 
 def _as_prompt_completion(example: dict) -> dict:
@@ -168,15 +147,15 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         input_embedding_on_cpu(model)
 
     train_ds = datasets.Dataset.from_parquet(str(store.fetch_file(data.train_uri)))
-    training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
-    assistant_only = training_template is not None
+    template = training_template(tokenizer) if cfg.training.assistant_only_loss else None
+    assistant_only = template is not None
     if cfg.training.assistant_only_loss and not assistant_only:
         # No template with generation markers: train on the final assistant turn only (prompt/completion).
         log.warning("chat template has no assistant markers; computing the loss on the last assistant turn only")
         train_ds = train_ds.map(_as_prompt_completion, remove_columns=["messages"])
     original_template = tokenizer.chat_template
     if assistant_only:
-        tokenizer.chat_template = training_template
+        tokenizer.chat_template = template
 
     gradient_checkpointing = plan.gradient_checkpointing
     t = cfg.training
@@ -458,6 +437,19 @@ def training_lock(name: str) -> Iterator[None]:
         yield
 
 
+def train_adapter_exclusively(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_line: Callable[[str], None] = print,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """`train_adapter` under this adapter's training lock: what the pipeline's task and each sweep point run."""
+    with training_lock(training_lock_name(cfg, data, base)):
+        return train_adapter(cfg, store, data, base, on_line=on_line, on_progress=on_progress)
+
+
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
@@ -468,8 +460,7 @@ def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: Prepar
         if "loss" in report:
             logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
 
-    with training_lock(training_lock_name(cfg, data, base)):
-        ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
+    ref = train_adapter_exclusively(cfg, open_store(cfg.execution), data, base, logger.info, on_progress)
     update_progress_artifact(artifact_id, progress=100.0)
     return ref
 

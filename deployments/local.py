@@ -2,14 +2,21 @@
 
     python -m deployments.local up [--port 4200] [--config configs/demo.yaml]
 
-Open http://127.0.0.1:4200, pick `qlora-finetune/manual` and click "Run". Ctrl-C stops everything.
+Open http://127.0.0.1:4200, pick `qlora-finetune/manual` and click "Run". Ctrl-C or SIGTERM stops the
+worker and the server (each in its own process group, terminated, then killed after a timeout).
+A busy port or a second stack on the same state directory (pid file + flock) is refused with one
+`error:` line before anything starts; logs are rotated (server.log -> server.log.1 ...), never overwritten.
 The same helpers start the stack in the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +33,16 @@ from deployments.deploy import PROCESS_POOL, ROOT, register
 from qlora_flow.config import load_config
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+LOGS_KEPT = 5  # server.log.1 .. server.log.5
+STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL
+
+
+class StackError(RuntimeError):
+    """The stack cannot start; the message is the whole story (printed as one `error:` line)."""
+
+
+class StackStopped(BaseException):
+    """SIGTERM/SIGINT: unwinds `up()` so that every child is stopped on the way out."""
 
 
 def free_port() -> int:
@@ -50,29 +67,74 @@ def stack_env(home: Path, port: int) -> dict[str, str]:
     }
 
 
-def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise StackError(
+                f"port {port} on {host} is already in use (another Prefect server?); stop what uses it "
+                f"(`ss -ltnp 'sport = :{port}'` shows it) or start on another port: --port / PORT=..."
+            ) from None
+
+
+def rotate_log(path: Path, keep: int = LOGS_KEPT) -> None:
+    """path -> path.1 -> path.2 ... (the oldest beyond `keep` is dropped), so no start erases the last one's log."""
+    if not path.exists():
+        return
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+
+
+def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120, log_path: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {proc.returncode}")
+            break
         try:
             with urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
+                # a server that answers while ours has died is someone else's (it took the port first)
+                if response.status == 200 and proc.poll() is None:
                     return
         except (URLError, OSError):
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout_s:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        raise StackError(f"prefect server at {api_url} not healthy after {timeout_s:.0f} s (log: {log_path})")
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path and log_path.exists() else []
+    raise StackError(
+        f"prefect server exited with code {proc.returncode} before it was healthy"
+        + (f": {tail[0].strip()}" if tail else "") + (f" (log: {log_path})" if log_path else "")
+    )
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
+    """Signal the child's process group; False when no process of it is left."""
+    try:
+        os.killpg(proc.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the child's whole process group, SIGKILL to whatever is left after timeout_s."""
+    _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    # the group outlives its leader while any of its processes does (uvicorn workers, flow runs)
+    while _signal_group(proc, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
 
 
 @contextmanager
@@ -80,13 +142,14 @@ def prefect_server(home: Path, port: int, log_path: Path) -> Iterator[dict[str, 
     """A `prefect server start` subprocess on 127.0.0.1:port; yields the environment for its clients."""
     env = stack_env(home, port)
     home.mkdir(parents=True, exist_ok=True)
+    rotate_log(log_path)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
         )  # fmt: skip
         try:
-            wait_healthy(env["PREFECT_API_URL"], proc)
+            wait_healthy(env["PREFECT_API_URL"], proc, log_path=log_path)
             yield env
         finally:
             _stop(proc)
@@ -95,10 +158,12 @@ def prefect_server(home: Path, port: int, log_path: Path) -> Iterator[dict[str, 
 @contextmanager
 def process_worker(env: dict[str, str], log_path: Path, pool: str = PROCESS_POOL) -> Iterator[subprocess.Popen]:
     """A process worker polling `pool`; flow runs start in the project root."""
+    rotate_log(log_path)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--prefetch-seconds", "5"],
             env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
         )  # fmt: skip
         try:
             yield proc
@@ -113,18 +178,55 @@ def api_of(env: dict[str, str]) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def stack_lock(home: Path, port: int) -> Iterator[None]:
+    """One stack per state directory: an flock held for the stack's life (released by the OS if it dies),
+    and a pid file saying who holds it."""
+    home.mkdir(parents=True, exist_ok=True)
+    pid_file = home / "stack.pid"
+    with (home / "stack.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = json.loads(pid_file.read_text()) if pid_file.exists() else {}
+            raise StackError(
+                f"a local stack already runs on {home} (pid {holder.get('pid', '?')}, port {holder.get('port', '?')}); "
+                f"stop it first (kill -TERM {holder.get('pid', '<pid>')}) or use another --home"
+            ) from None
+        pid_file.write_text(json.dumps({"pid": os.getpid(), "port": port}))
+        try:
+            yield
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+
+def _stop_on_signals() -> None:
+    def handler(signum, frame):
+        # one unwinding is enough: a second Ctrl-C must not cut the children's shutdown short
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise StackStopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def up(port: int, config: str, home: Path) -> None:
-    with prefect_server(home, port, home / "server.log") as env, api_of(env):
-        ids = register(load_config(config))
-        with process_worker(env, home / "worker.log") as worker:
-            print(f"Prefect UI: http://127.0.0.1:{port}  (logs in {home})")
-            for name in ids:
-                print(f"  deployment {name}")
-            print("Ctrl-C to stop.")
-            try:
-                worker.wait()
-            except KeyboardInterrupt:
-                pass
+    _stop_on_signals()
+    try:
+        with stack_lock(home, port):
+            check_port_free(port)
+            with prefect_server(home, port, home / "server.log") as env, api_of(env):
+                ids = register(load_config(config))
+                with process_worker(env, home / "worker.log") as worker:
+                    print(f"Prefect UI: http://127.0.0.1:{port}  (logs in {home})")
+                    for name in ids:
+                        print(f"  deployment {name}")
+                    print("Ctrl-C or kill -TERM to stop.", flush=True)
+                    worker.wait()
+                    raise StackError(f"the worker exited with code {worker.returncode} (log: {home / 'worker.log'})")
+    except StackStopped as stop:
+        print(f"stopped ({stop}): worker and server terminated", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     start.add_argument("--home", type=Path, default=ROOT / ".qlora-flow" / "prefect", help="PREFECT_HOME (SQLite DB)")
     args = parser.parse_args(argv)
-    up(args.port, args.config, args.home.resolve())
+    try:
+        up(args.port, args.config, args.home.resolve())
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

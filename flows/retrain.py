@@ -93,4 +93,5 @@ def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResu
     if not decision.retrain:
         # A skipped retraining completes under its own state name, visible in the runs list.
         return Completed(name="Unchanged", message=decision.reason, data=decision)
-    return qlora_pipeline(config)
+    # its state, not its result: a rejected candidate leaves this run Rejected too, not Completed
+    return qlora_pipeline(config, return_state=True)

@@ -25,7 +25,10 @@ from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import URLError
+from urllib.parse import urlsplit
 from urllib.request import urlopen
+
+import psutil
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -91,15 +94,33 @@ def rotate_log(path: Path, keep: int = LOGS_KEPT) -> None:
     path.replace(path.with_name(f"{path.name}.1"))
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the process or one of its descendants listens on the TCP port."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for process in tree:
+        try:
+            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in process.net_connections("tcp")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False
+
+
 def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120, log_path: Path | None = None) -> None:
+    """Until the server at api_url answers /health AND is this process (a server that already held the
+    port would answer too, while ours fails to bind)."""
+    port = urlsplit(api_url).port
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         try:
             with urlopen(f"{api_url}/health", timeout=2) as response:
-                # a server that answers while ours has died is someone else's (it took the port first)
-                if response.status == 200 and proc.poll() is None:
+                if response.status == 200 and listens_on(proc.pid, port):
                     return
         except (URLError, OSError):
             pass

@@ -134,27 +134,34 @@ def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120, l
     )
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
-    """Signal the child's process group; False when no process of it is left."""
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
+    except ProcessLookupError:  # no process of the group is left
+        pass
 
 
 def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM to the child's whole process group, SIGKILL to whatever is left after timeout_s."""
-    _signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
+    """SIGTERM to the child's process group and to every descendant (flow runs and training processes start
+    their own sessions, out of the group's reach), SIGKILL to whatever is left after timeout_s."""
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
-    # the group outlives its leader while any of its processes does (uvicorn workers, flow runs)
-    while _signal_group(proc, 0) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _signal_group(proc, signal.SIGKILL)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    _signal_group(proc, signal.SIGTERM)
+    for process in tree:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    _signal_group(proc, signal.SIGKILL)  # anything the group started after the snapshot
     proc.wait()
 
 

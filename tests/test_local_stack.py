@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deployments.local import StackError, free_port, rotate_log, wait_healthy
+from deployments.local import StackError, _stop, free_port, rotate_log, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "local_stack.sh"
@@ -90,6 +90,22 @@ def test_a_server_that_is_not_ours_does_not_count_as_healthy(tmp_path):
     finally:
         ours.kill()
         impostor.shutdown()
+
+
+def test_stop_reaches_descendants_in_other_sessions_and_escalates():
+    """Like a worker (its flow run starts a new session) that does not exit on SIGTERM."""
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen(['sleep', '300'], start_new_session=True); print('ready', flush=True); time.sleep(300)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "ready\n"
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) == 2
+    started = time.monotonic()
+    _stop(proc, timeout_s=2)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ validated data and prepared base cached for the training that follows.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
-from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
+from flows.pipeline import REJECTED, PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig, check_local_inputs
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.publish import MANIFEST_NAME, alias_key, run_key
@@ -93,5 +93,9 @@ def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResu
     if not decision.retrain:
         # A skipped retraining completes under its own state name, visible in the runs list.
         return Completed(name="Unchanged", message=decision.reason, data=decision)
-    # its state, not its result: a rejected candidate leaves this run Rejected too, not Completed
-    return qlora_pipeline(config, return_state=True)
+    outcome = qlora_pipeline(config, return_state=True)
+    if outcome.name == REJECTED:
+        # a rejected candidate leaves this run Rejected too, not Completed (a returned subflow state would
+        # only count as a plain "Failed", so the state is made here)
+        return Failed(name=REJECTED, message=outcome.message, data=outcome.result(raise_on_failure=False))
+    return outcome.result()

@@ -1,6 +1,7 @@
 """Every artifact of a real run, as an operator sees it: through the API, `prefect flow-run ls` and the Prefect
 UI in headless Chromium (screenshots under test-output/). A tiny pipeline runs twice against a real
-`prefect server start`: once published, once rejected by the quality gate."""
+`prefect server start`: published by the pipeline, then retrained by the scheduled flow with another
+learning rate and a gate it cannot pass (rejected), then the scheduled flow again (unchanged)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ WINDOW = 1440  # px: a laptop browser window
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from flows.pipeline import qlora_pipeline
+    from flows.retrain import scheduled_retrain
 
     home = tmp_path_factory.mktemp("ui")
     data = home / "train.jsonl"
@@ -51,11 +53,13 @@ def runs(tmp_path_factory):
     port = free_port()
     with prefect_server(home / "prefect", port, home / "server.log") as env, api_of(env):
         published = qlora_pipeline(load_config(None, overrides), return_state=True)
-        rejected = qlora_pipeline(load_config(None, {**overrides, "evaluation.gate.min_exact_match": 1.0}), return_state=True)
+        strict = {**overrides, "training.learning_rate": 2e-3, "evaluation.gate.min_exact_match": 1.0}
+        rejected = scheduled_retrain(load_config(None, strict), return_state=True)
+        unchanged = scheduled_retrain(load_config(None, overrides), return_state=True)
         with get_client(sync_client=True) as client:
             found = {
                 name: (client.read_flow_run(state.state_details.flow_run_id), _artifacts(client, state.state_details.flow_run_id))
-                for name, state in (("published", published), ("rejected", rejected))
+                for name, state in (("published", published), ("rejected", rejected), ("unchanged", unchanged))
             }
         yield {"env": env, "port": port, "home": home, **found}
 
@@ -95,21 +99,25 @@ def test_artifacts_say_what_happened_with_links_that_work(runs, tmp_path):
     assert (tmp_path / "pulled" / "config.json").exists() and (tmp_path / "pulled" / "manifest.json").exists()
 
 
-def test_rejected_run_is_red_in_the_ui_and_failed_in_flow_run_ls(runs):
-    run, found = runs["rejected"]
-    assert run.state.type.value == "FAILED" and run.state.name == "Rejected"
-    assert "quality gate failed" in run.state.message and f"model-{MODEL}" not in found
+def _flow_run_ls(runs, *args: str) -> dict[str, str]:
     ls = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "flow-run", "ls", "--flow-name", "qlora-finetune"],
+        [str(Path(sys.executable).with_name("prefect")), "flow-run", "ls", *args],
         env={**runs["env"], "COLUMNS": "250"}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    table = {line.split("│")[1].strip(): line for line in ls.stdout.splitlines() if line.count("│") > 4}
-    assert "FAILED" in table[str(run.id)] and "COMPLETED" in table[str(runs["published"][0].id)], ls.stdout
-    only_rejected = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "flow-run", "ls", "--state", "Rejected"],
-        env={**runs["env"], "COLUMNS": "250"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert str(run.id) in only_rejected.stdout and str(runs["published"][0].id) not in only_rejected.stdout
+    assert ls.returncode == 0, ls.stderr
+    return {line.split("│")[1].strip(): line for line in ls.stdout.splitlines() if line.count("│") > 4}
+
+
+def test_rejected_and_unchanged_runs_are_told_apart_in_flow_run_ls(runs):
+    (published, _), (rejected, _), (unchanged, _) = runs["published"], runs["rejected"], runs["unchanged"]
+    # the scheduled flow ends in its pipeline subflow's state: a rejected candidate is not a green run
+    assert rejected.state.type.value == "FAILED" and rejected.state.name == "Rejected"
+    assert "quality gate failed" in rejected.state.message
+    assert unchanged.state.type.value == "COMPLETED" and unchanged.state.name == "Unchanged"
+    table = _flow_run_ls(runs)
+    assert "FAILED" in table[str(rejected.id)] and "COMPLETED" in table[str(published.id)], table
+    assert set(_flow_run_ls(runs, "--flow-name", "qlora-retrain", "--state", "Rejected")) == {str(rejected.id)}
+    assert set(_flow_run_ls(runs, "--state", "Unchanged")) == {str(unchanged.id)}
 
 
 def test_every_artifact_renders_in_chromium_and_fits_the_window(runs):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlsplit
@@ -134,21 +134,21 @@ def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120, l
     )
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(leader_pid: int, sig: int) -> None:
     try:
-        os.killpg(proc.pid, sig)
+        os.killpg(leader_pid, sig)
     except ProcessLookupError:  # no process of the group is left
         pass
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM to the child's process group and to every descendant (flow runs and training processes start
+def _terminate_tree(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the process group led by pid and to every descendant (flow runs and training processes start
     their own sessions, out of the group's reach), SIGKILL to whatever is left after timeout_s."""
     try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    _signal_group(proc, signal.SIGTERM)
+    _signal_group(pid, signal.SIGTERM)
     for process in tree:
         try:
             process.terminate()
@@ -161,12 +161,18 @@ def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    _signal_group(proc, signal.SIGKILL)  # anything the group started after the snapshot
+    _signal_group(pid, signal.SIGKILL)  # anything the group started after the snapshot
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    _terminate_tree(proc.pid, timeout_s)
     proc.wait()
 
 
 @contextmanager
-def prefect_server(home: Path, port: int, log_path: Path) -> Iterator[dict[str, str]]:
+def prefect_server(
+    home: Path, port: int, log_path: Path, on_start: Callable[[subprocess.Popen], None] | None = None
+) -> Iterator[dict[str, str]]:
     """A `prefect server start` subprocess on 127.0.0.1:port; yields the environment for its clients."""
     env = stack_env(home, port)
     home.mkdir(parents=True, exist_ok=True)
@@ -177,6 +183,8 @@ def prefect_server(home: Path, port: int, log_path: Path) -> Iterator[dict[str, 
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
         )  # fmt: skip
         try:
+            if on_start:
+                on_start(proc)
             wait_healthy(env["PREFECT_API_URL"], proc, log_path=log_path)
             yield env
         finally:
@@ -184,7 +192,12 @@ def prefect_server(home: Path, port: int, log_path: Path) -> Iterator[dict[str, 
 
 
 @contextmanager
-def process_worker(env: dict[str, str], log_path: Path, pool: str = PROCESS_POOL) -> Iterator[subprocess.Popen]:
+def process_worker(
+    env: dict[str, str],
+    log_path: Path,
+    pool: str = PROCESS_POOL,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+) -> Iterator[subprocess.Popen]:
     """A process worker polling `pool`; flow runs start in the project root."""
     rotate_log(log_path)
     with log_path.open("w") as log:
@@ -194,6 +207,8 @@ def process_worker(env: dict[str, str], log_path: Path, pool: str = PROCESS_POOL
             start_new_session=True,
         )  # fmt: skip
         try:
+            if on_start:
+                on_start(proc)
             yield proc
         finally:
             _stop(proc)
@@ -206,10 +221,29 @@ def api_of(env: dict[str, str]) -> Iterator[None]:
         yield
 
 
+def _stop_leftovers(holder: dict) -> None:
+    """Server and worker of a stack that died without stopping them (SIGKILL, OOM killer): found by the
+    pid and start time recorded in its pid file (a pid reused since is left alone)."""
+    for child in holder.get("children", []):
+        try:
+            process = psutil.Process(child["pid"])
+            if process.create_time() != child["create_time"]:
+                continue
+            command = " ".join(process.cmdline()[1:4])
+        except psutil.NoSuchProcess:
+            continue
+        print(
+            f"warning: stopping {command} (pid {child['pid']}), left running by a local stack that died "
+            f"(pid {holder.get('pid')})", file=sys.stderr, flush=True,
+        )  # fmt: skip
+        _terminate_tree(child["pid"])
+
+
 @contextmanager
-def stack_lock(home: Path, port: int) -> Iterator[None]:
+def stack_lock(home: Path, port: int) -> Iterator[Callable[[subprocess.Popen], None]]:
     """One stack per state directory: an flock held for the stack's life (released by the OS if it dies),
-    and a pid file saying who holds it."""
+    and a pid file saying who holds it and which children it started. Yields the function that records
+    a child; the children of a holder that died are stopped first."""
     home.mkdir(parents=True, exist_ok=True)
     pid_file = home / "stack.pid"
     with (home / "stack.lock").open("w") as lock:
@@ -221,9 +255,17 @@ def stack_lock(home: Path, port: int) -> Iterator[None]:
                 f"a local stack already runs on {home} (pid {holder.get('pid', '?')}, port {holder.get('port', '?')}); "
                 f"stop it first (kill -TERM {holder.get('pid', '<pid>')}) or use another --home"
             ) from None
-        pid_file.write_text(json.dumps({"pid": os.getpid(), "port": port}))
+        if pid_file.exists():  # we hold the lock, so whoever wrote it is gone
+            _stop_leftovers(json.loads(pid_file.read_text()))
+        record = {"pid": os.getpid(), "port": port, "children": []}
+        pid_file.write_text(json.dumps(record))
+
+        def remember(proc: subprocess.Popen) -> None:
+            record["children"].append({"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time()})
+            pid_file.write_text(json.dumps(record))
+
         try:
-            yield
+            yield remember
         finally:
             pid_file.unlink(missing_ok=True)
 
@@ -242,11 +284,11 @@ def _stop_on_signals() -> None:
 def up(port: int, config: str, home: Path) -> None:
     _stop_on_signals()
     try:
-        with stack_lock(home, port):
+        with stack_lock(home, port) as remember:
             check_port_free(port)
-            with prefect_server(home, port, home / "server.log") as env, api_of(env):
+            with prefect_server(home, port, home / "server.log", remember) as env, api_of(env):
                 ids = register(load_config(config))
-                with process_worker(env, home / "worker.log") as worker:
+                with process_worker(env, home / "worker.log", on_start=remember) as worker:
                     print(f"Prefect UI: http://127.0.0.1:{port}  (logs in {home})")
                     for name in ids:
                         print(f"  deployment {name}")

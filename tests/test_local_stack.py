@@ -4,6 +4,7 @@ state directory is one `error:` line before any success line, and logs survive a
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -55,6 +56,26 @@ def test_second_stack_on_the_same_state_directory_is_refused(tmp_path):
     assert proc.returncode == 1
     assert f"error: a local stack already runs on {home} (pid 4242, port 4200)" in err and "kill -TERM 4242" in err
     assert "Prefect UI:" not in out
+
+
+def test_children_of_a_killed_stack_are_stopped_at_the_next_start(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    leftover = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    created = psutil.Process(leftover.pid).create_time()
+    (home / "stack.pid").write_text(
+        json.dumps({"pid": dead.pid, "port": 1, "children": [{"pid": leftover.pid, "create_time": created}]})
+    )
+    with socket.socket() as busy:  # so that the start ends right after the clean-up
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _script(home, busy.getsockname()[1])
+        _, err = proc.communicate(timeout=120)
+    assert leftover.wait(timeout=30) is not None
+    assert f"warning: stopping 300 (pid {leftover.pid}), left running by a local stack that died (pid {dead.pid})" in err
+    assert proc.returncode == 1 and "already in use" in err
 
 
 def test_rotate_log_keeps_previous_starts(tmp_path):

@@ -21,15 +21,14 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import psutil
-
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.deploy import PROCESS_POOL, ROOT, register

@@ -5,8 +5,10 @@ them from a web page), tables that fit a laptop screen, progress with numbers.
   steps) with a sparkline; on S3 stores also the PNG through a presigned URL.
 - Model: the exact `qlora-flow pull` command (verifies every byte); on S3 stores also a presigned
   link to the manifest.
-- Eval samples: cells cut at `CELL_CHARS` with an ellipsis; the full text stays in the stored
-  `samples.jsonl`.
+- Eval samples: one block per sample (prompt, then reference, tuned and base answers), which wraps
+  to any window; the Prefect UI never wraps table cells (measured at 1,440 px: 868 px for the table,
+  and four 60-character cells need 1,912), so a table that fits would cut answers to ~25 characters.
+  Each text is cut at `SAMPLE_CHARS` with an ellipsis; the full text stays in `samples.jsonl`.
 - Training progress: the progress bar plus step, loss, tokens/s, elapsed and ETA in its description.
 
 Presigned URLs are valid for `PRESIGNED_URL_EXPIRY_S` (7 days, the maximum of S3 SigV4 signatures);
@@ -27,7 +29,8 @@ from qlora_flow.store import ArtifactStore
 
 PRESIGNED_URL_EXPIRY_S = 7 * 24 * 3600
 LOSS_TABLE_ROWS = 20
-CELL_CHARS = 60
+SAMPLE_CHARS = 200
+SAMPLES_SHOWN = 20
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 
 
@@ -87,14 +90,34 @@ def loss_curve_markdown(history: Sequence[LossPoint], run_id: str, image_url: st
     return "\n".join(lines) + "\n"
 
 
-def truncate(text: str, width: int = CELL_CHARS) -> str:
+def truncate(text: str, width: int = SAMPLE_CHARS) -> str:
     """One line of at most `width` characters, an ellipsis marking the cut."""
     flat = re.sub(r"\s+", " ", str(text)).strip()
     return flat if len(flat) <= width else flat[: width - 1].rstrip() + "…"
 
 
-def sample_rows(samples: Sequence[dict], width: int = CELL_CHARS) -> list[dict]:
-    return [{k: truncate(s[k], width) for k in ("prompt", "reference", "base", "tuned")} for s in samples]
+def _code(text: str) -> str:
+    if not text:
+        return "*(empty)*"
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
+def samples_markdown(samples: Sequence[dict], run_id: str, samples_uri: str, width: int = SAMPLE_CHARS) -> str:
+    shown = samples[:SAMPLES_SHOWN]
+    lines = [
+        f"# Sample generations of run `{run_id}`", "",
+        f"{len(shown)} of {len(samples)} samples; texts cut at {width} characters. Full text: `{samples_uri}`", "",
+    ]  # fmt: skip
+    for s in shown:
+        mark = " (exact match)" if s.get("tuned_exact_match") else ""
+        lines += [
+            f"**{s['index'] + 1}.** {_code(truncate(s['prompt'], width))}", "",
+            f"- reference: {_code(truncate(s['reference'], width))}",
+            f"- tuned{mark}: {_code(truncate(s['tuned'], width))}",
+            f"- base: {_code(truncate(s['base'], width))}", "",
+        ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def pull_command(store_root: str, name: str, alias: str, s3: S3Settings | None = None) -> str:
@@ -195,12 +218,12 @@ def publish_loss_curve(store: ArtifactStore, run_id: str, history: Sequence[Loss
 
 
 def publish_eval_samples(run_id: str, samples: Sequence[dict], samples_uri: str) -> None:
-    from prefect.artifacts import create_table_artifact
+    from prefect.artifacts import create_markdown_artifact
 
     if samples:
-        create_table_artifact(
-            sample_rows(samples), key="eval-samples",
-            description=f"run {run_id}: sample generations, cut at {CELL_CHARS} characters (full text: {samples_uri})",
+        create_markdown_artifact(
+            samples_markdown(samples, run_id, samples_uri), key="eval-samples",
+            description=f"run {run_id}: sample generations, base vs tuned",
         )  # fmt: skip
 
 

@@ -3,6 +3,7 @@ file://), the exact pull command, progress with step/loss/tokens/s/ETA, sample t
 
 from __future__ import annotations
 
+import itertools
 import shlex
 from urllib.request import urlopen
 
@@ -24,7 +25,7 @@ def test_loss_table_is_compact_and_keeps_first_and_last_step():
     assert len(rows) == artifacts.LOSS_TABLE_ROWS
     assert rows[0] == "| 1 | 4.0000 |" and rows[-1] == "| 137 | 0.0292 |"
     steps = [int(r.split("|")[1]) for r in rows]
-    assert steps == sorted(steps) and max(b - a for a, b in zip(steps, steps[1:])) <= 8  # evenly spread
+    assert steps == sorted(steps) and max(b - a for a, b in itertools.pairwise(steps)) <= 8  # evenly spread
     assert "137 logged steps, loss 4.0000 → 0.0292" in markdown
     assert "eval loss" not in markdown  # no column when nothing was evaluated during training
     assert "file://" not in markdown and "](" not in markdown  # local store: numbers, no link
@@ -36,11 +37,21 @@ def test_eval_loss_column_appears_when_logged_and_short_history_is_whole():
     assert "| 1 | 2.0000 | |" in markdown and "| 2 | 1.5000 | 1.7000 |" in markdown
 
 
-def test_sample_cells_are_one_line_and_cut_with_an_ellipsis():
-    long = "word " * 40 + "\nsecond line"
-    [row] = artifacts.sample_rows([{"prompt": long, "reference": "short", "base": "", "tuned": "x\ny"}])
-    assert len(row["prompt"]) == artifacts.CELL_CHARS and row["prompt"].endswith("…") and "\n" not in row["prompt"]
-    assert row["reference"] == "short" and row["tuned"] == "x y"
+def test_samples_are_blocks_with_texts_cut_and_marked():
+    long = "word " * 80 + "\nsecond line"
+    samples = [
+        {"index": 0, "prompt": long, "reference": '{"a": 1}', "base": "", "tuned": '{"a": 1}', "tuned_exact_match": True},
+        {"index": 1, "prompt": "p", "reference": "r", "base": "uses `ticks`", "tuned": "x\ny", "tuned_exact_match": False},
+    ]
+    markdown = artifacts.samples_markdown(samples, "run-a", "/store/runs/run-a/eval/samples.jsonl")
+    cut = artifacts.truncate(long)
+    assert len(cut) == artifacts.SAMPLE_CHARS and cut.endswith("…") and "\n" not in cut
+    assert f"**1.** `{cut}`" in markdown
+    assert '- tuned (exact match): `{"a": 1}`' in markdown and "- base: *(empty)*" in markdown
+    assert "- tuned: `x y`" in markdown and "- base: `` uses `ticks` ``" in markdown
+    assert "2 of 2 samples" in markdown and "/store/runs/run-a/eval/samples.jsonl" in markdown
+    many = artifacts.samples_markdown([{**samples[1], "index": i} for i in range(50)], "r", "u")
+    assert f"{artifacts.SAMPLES_SHOWN} of 50 samples" in many and f"**{artifacts.SAMPLES_SHOWN + 1}.**" not in many
 
 
 def test_training_progress_reports_rate_and_eta():

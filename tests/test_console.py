@@ -82,8 +82,9 @@ def test_telemetry_is_switched_off_unless_the_user_chose(monkeypatch):
 
 def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
     """The rejected state is Failed-type (red in the UI); the CLI still reads it as a rejection."""
-    import flows.pipeline
     from prefect.states import Failed
+
+    import flows.pipeline
     from qlora_flow import cli
 
     result = SimpleNamespace(
@@ -108,7 +109,7 @@ def test_cli_run_prints_stage_progress_and_no_noise(tiny_config, tmp_path):
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a shared, busy CI box
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_flow.cli", "run", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

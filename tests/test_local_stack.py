@@ -155,7 +155,7 @@ def test_sigterm_stops_server_and_worker_and_logs_survive(tmp_path):
     assert second.returncode == 1 and f"(pid {proc.pid}, port {port})" in err
 
     proc.send_signal(signal.SIGTERM)
-    gone, alive = psutil.wait_procs(children, timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, [" ".join(p.cmdline()) for p in alive]
     assert proc.wait(timeout=30) == 0
     reader.join(timeout=10)

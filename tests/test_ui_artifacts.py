@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     data = home / "train.jsonl"
     rows = make_chat_rows(40)
     for row in rows:  # long prompts: the sample table must still fit the window
-        row["messages"][0]["content"] += " Please read the whole note carefully before answering." * 3
+        row["messages"][0]["content"] += " Please read the whole note carefully before answering." * 5
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = {
         "data.train_path": str(data), "data.eval_fraction": 0.2,

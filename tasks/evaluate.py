@@ -33,6 +33,7 @@ from qlora_flow.artifacts import publish_eval_samples, publish_loss_curve
 from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.console import StageProgress
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
+from qlora_flow.model_events import model_resource
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
@@ -395,10 +396,7 @@ def announce(
     if not report.verdict.passed:
         emit_event(
             event="model.rejected",
-            resource={
-                "prefect.resource.id": f"qlora-flow.model.{cfg.publish.model_name}",
-                "prefect.resource.name": cfg.publish.model_name,
-            },
+            resource=model_resource(cfg),
             payload={
                 "run_id": run_id,
                 "reasons": report.verdict.reasons,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs

@@ -115,6 +115,8 @@ def make_client(settings: S3Settings):
         read_timeout=settings.read_timeout_s,
         # one pooled connection per transfer thread plus the verification HEADs
         max_pool_connections=2 * settings.max_concurrency + 2,
+        # what requests use anyway; named so that presigned URLs (UI links) are SigV4 too, not legacy SigV2
+        signature_version="s3v4",
     )
     return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
 

@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
+from qlora_flow.artifacts import publish_model_link
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.model_events import model_resource
@@ -355,15 +356,12 @@ def publish_run(
     )
 
 
-def _announce(cfg: PipelineConfig, run_id: str, published: PublishedModel, report: EvalReport) -> None:
+def _announce(
+    cfg: PipelineConfig, store: ArtifactStore, run_id: str, published: PublishedModel, report: EvalReport
+) -> None:
     name = cfg.publish.model_name
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    create_link_artifact(
-        key=f"model-{slug}",
-        link=published.model_uri,
-        link_text=f"{name} ({run_id})",
-        description=f"Merged model of run {run_id}",
-    )
+    publish_model_link(cfg, store, run_id, published)
     alias_line = (
         f"`{cfg.publish.alias}` now points to this run" if published.alias_moved else f"`{cfg.publish.alias}` not moved"
     )
@@ -428,5 +426,5 @@ def publish_task(
                     cfg.publish.alias, published.same_as_run, published.run_uri, SAME_AS_NAME)  # fmt: skip
         return published
     logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)
-    _announce(cfg, run_id, published, report)
+    _announce(cfg, store, run_id, published, report)
     return published

@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
+from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
@@ -131,12 +131,20 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
     )
 
 
-def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
-    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation."""
+def run_training(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation.
+
+    Each trainer log report goes to on_progress; without one it is printed for a parent process."""
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from qlora_flow.hardware import cap_gpu_memory, resolve_compute_dtype
@@ -243,7 +251,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and state.max_steps:
                 report = {"step": state.global_step, "max_steps": state.max_steps, **(logs or {})}
-                print(PROGRESS_PREFIX + json.dumps(report), flush=True)
+                if on_progress:
+                    on_progress(report)
+                else:
+                    print(PROGRESS_PREFIX + json.dumps(report), flush=True)
             return control
 
     trainer = SFTTrainer(
@@ -254,6 +265,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         peft_config=peft_config,
         callbacks=[CheckpointCommitter(), ProgressReporter()],
     )
+    # it prints each log dict raw; ProgressReporter's `[train] step ...` lines say the same, readably
+    trainer.remove_callback(PrinterCallback)
     if plan.offload:
         from qlora_flow.speedups import offload_large_activations_only
 
@@ -412,7 +425,7 @@ def train_adapter(
         return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/adapter_ref.json"))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
-    return run_training(cfg, store, data, base)
+    return run_training(cfg, store, data, base, on_progress)
 
 
 def _child_main(spec_path: str, result_path: str) -> None:
@@ -423,10 +436,6 @@ def _child_main(spec_path: str, result_path: str) -> None:
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_path).write_text(ref.model_dump_json())
-
-
-def progress_percent(report: dict) -> float:
-    return 100.0 * report["step"] / max(report["max_steps"], 1)
 
 
 def _cache_key(context, parameters) -> str:
@@ -464,16 +473,16 @@ def training_lock(name: str) -> Iterator[None]:
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
-    artifact_id = create_progress_artifact(progress=0.0, key="training-progress", description="LoRA training")
+    progress = TrainingProgressArtifact()
 
     def on_progress(report: dict) -> None:
-        update_progress_artifact(artifact_id, progress=progress_percent(report))
+        line = progress.update(report)
         if "loss" in report:
-            logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
+            logger.info(line)
 
     with training_lock(training_lock_name(cfg, data, base)):
         ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
-    update_progress_artifact(artifact_id, progress=100.0)
+    progress.finish(ref.steps)
     return ref
 
 

@@ -243,6 +243,7 @@ def publish_run(
         document = {
             "run_id": run_id,
             "model_name": name,
+            "manifest_key": manifest_key,  # what readers follow; the URIs are for people and stay as written
             "manifest_uri": store.uri(manifest_key),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "model_uri": model_uri,

@@ -7,7 +7,7 @@ Layout (same keys on every backend):
     quarantine/<kind>/<...>/<time>/  entries that failed verification: entry/ plus reason.json
 
 Stages compute on local files. `workdir(key)` gives the local directory to write a result into,
-`commit(key)` makes it visible in the store (a no-op for the local store, an upload for S3),
+`commit(key)` makes it visible in the store (local: writes the marker; S3: uploads, then the marker),
 and `fetch(key)` returns a local directory holding a stored result (downloading if remote).
 A result counts as present only once its `_COMPLETE` marker exists, so a crash mid-write
 never leaves something that looks finished. The marker lists every file with size and SHA-256

@@ -107,7 +107,7 @@ def test_key_of_maps_keys_own_uris_and_uris_of_a_copied_store(tmp_path):
     assert new.key_of(new.uri("cache/data/fp/train.parquet")) == "cache/data/fp/train.parquet"
     assert new.key_of("cache/data/fp/nested/state.json") == "cache/data/fp/nested/state.json"
     assert new.key_of(old.uri("cache/data/fp/nested/state.json")) == "cache/data/fp/nested/state.json"
-    assert new.key_of(f"s3://bucket/prefix/cache/data/fp/nested/state.json") == "cache/data/fp/nested/state.json"
+    assert new.key_of("s3://bucket/prefix/cache/data/fp/nested/state.json") == "cache/data/fp/nested/state.json"
     with pytest.raises(ValueError, match="not inside the artifact store"):
         new.key_of(str(tmp_path / "elsewhere" / "model"))
     with pytest.raises(ValueError):

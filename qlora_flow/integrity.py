@@ -7,6 +7,12 @@ moves an entry that fails aside to `quarantine/` (ArtifactStore.verified) instea
 
 Markers written before the list was recorded hold `ok`; such entries are read as they are
 (nothing to compare against), and the first one a process meets is logged once.
+
+Multi-GB base checkpoints are not re-hashed on every read (`always_hash=False`): the first check
+hashes every file and leaves a `_VERIFIED` stamp beside them with each file's size and modification
+time; later checks hash again only a file whose size or mtime changed since. Any write through the file system (a
+truncation, a byte flipped in place, a copy without timestamps) is caught; damage below it that keeps
+the mtime (media bit rot) is not.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from qlora_flow.fingerprint import sha256_file
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
+STAMP_NAME = "_VERIFIED"  # local bookkeeping of a reader, never part of the entry
 QUARANTINE_ROOT = "quarantine"
 REASON_NAME = "reason.json"
 
@@ -38,8 +45,8 @@ class CorruptEntry(RuntimeError):
 
 
 def files_of(root: Path) -> list[Path]:
-    """Every file a commit of root stores (all but the marker itself), sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    """Every file a commit of root stores (all but the marker and the stamp), sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (COMPLETE_MARKER, STAMP_NAME))
 
 
 def listing_of(root: Path) -> dict[str, dict]:
@@ -75,19 +82,45 @@ def note_legacy(where: str) -> None:
         )
 
 
-def problems(root: Path, listing: dict[str, dict], hashes: bool) -> list[dict]:
-    """How the files under root differ from listing: missing files, sizes, and (when hashes) SHA-256."""
-    found = []
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_stamp(root: Path, listing: dict[str, dict]) -> None:
+    """Record the files' stats now that their SHA-256 matched listing (best effort: a read-only store has none)."""
+    try:
+        (root / STAMP_NAME).write_text(json.dumps({rel: _stat(root / rel) for rel in sorted(listing)}))
+    except OSError:
+        pass
+
+
+def _read_stamp(root: Path) -> dict:
+    try:
+        return json.loads((root / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def problems(root: Path, listing: dict[str, dict], always_hash: bool = True) -> list[dict]:
+    """How the files under root differ from listing: missing files, sizes, SHA-256. Without always_hash, only
+    files whose size or mtime changed since their SHA-256 last matched are hashed (see the module docstring)."""
+    stamp = {} if always_hash else _read_stamp(root)
+    found, hashed = [], False
     for rel, meta in sorted(listing.items()):
         path = root / rel
         if not path.is_file():
             found.append({"file": rel, "problem": "missing", "expected_size": meta["size"]})
             continue
-        size = path.stat().st_size
-        if size != meta["size"]:
-            found.append({"file": rel, "problem": "size", "expected_size": meta["size"], "found_size": size})
-        elif hashes and (digest := sha256_file(path)) != meta["sha256"]:
-            found.append({"file": rel, "problem": "sha256", "expected_sha256": meta["sha256"], "found_sha256": digest})
+        stat = _stat(path)
+        if stat[0] != meta["size"]:
+            found.append({"file": rel, "problem": "size", "expected_size": meta["size"], "found_size": stat[0]})
+        elif stamp.get(rel) != stat:
+            hashed = True
+            if (digest := sha256_file(path)) != meta["sha256"]:
+                found.append({"file": rel, "problem": "sha256", "expected_sha256": meta["sha256"], "found_sha256": digest})
+    if not always_hash and hashed and not found:
+        write_stamp(root, listing)
     return found
 
 

@@ -316,7 +316,7 @@ class S3Store(ArtifactStore):
 
     def commit(self, key: str) -> str:
         root = self._local(key)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+        files = integrity.files_of(root)
         rel = {p: f"{key.strip('/')}/{p.relative_to(root).as_posix()}" for p in files}
 
         # first un-complete the prefix, so a half-overwritten result never looks finished

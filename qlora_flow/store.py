@@ -137,10 +137,11 @@ class ArtifactStore(ABC):
         except ValueError:  # not an entry of this store (a user's file, say): kept as written
             return value
 
-    def verified(self, key: str, *, hashes: bool = True) -> Path | None:
-        """Local directory of the complete entry at key after checking every file against the size (and,
-        with hashes, the SHA-256) its marker recorded. None when the entry is absent, unfinished or corrupt;
-        a corrupt entry is moved to quarantine/ first (WARNING), so the caller rebuilds it."""
+    def verified(self, key: str, *, always_hash: bool = True) -> Path | None:
+        """Local directory of the complete entry at key after checking every file against the size and SHA-256
+        its marker recorded (always_hash=False: SHA-256 only of files changed since they last matched, see
+        qlora_flow.integrity). None when the entry is absent, unfinished or corrupt; a corrupt entry is
+        moved to quarantine/ first (WARNING), so the caller rebuilds it."""
         if not self.is_complete(key):
             return None
         for attempt in range(2):
@@ -155,7 +156,7 @@ class ArtifactStore(ABC):
             if listing is None:
                 integrity.note_legacy(self.uri(key))
                 return path
-            found = integrity.problems(path, listing, hashes)
+            found = integrity.problems(path, listing, always_hash)
             if not found:
                 return path
             if not (attempt == 0 and self._drop_local_copy(key)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -70,17 +71,33 @@ def test_corrupt_entry_is_quarantined_with_its_reason(tmp_path, caplog, damage):
                for r in caplog.records)
 
 
-def test_size_only_check_catches_truncation_not_an_in_place_change(tmp_path):
+def test_base_check_rehashes_only_files_changed_since_they_last_verified(tmp_path, monkeypatch):
+    from qlora_flow import integrity
+
+    hashed: list[str] = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     store = LocalStore(tmp_path / "s")
     key = "cache/base/src/nf4-q"
-    _entry(store, key)
+    files = _entry(store, key)
+    hashed.clear()
+
+    assert store.verified(key, always_hash=False) is not None
+    assert sorted(hashed) == sorted(Path(rel).name for rel in files)  # the first check hashes everything
+    assert (store.path / key / "_VERIFIED").is_file()
+    assert json.loads((store.path / key / "_COMPLETE").read_text())["files"].keys() == files.keys()
+    hashed.clear()
+    assert store.verified(key, always_hash=False) is not None and hashed == []  # unchanged: stats only
+
+    time.sleep(0.05)  # past the file system's timestamp granularity
     target = store.path / key / "adapter_model.safetensors"
     data = bytearray(target.read_bytes())
     data[10] ^= 0xFF
-    target.write_bytes(bytes(data))
-    assert store.verified(key, hashes=False) is not None  # documented: base weights are not re-hashed on read
-    target.write_bytes(bytes(data[:-1]))
-    assert store.verified(key, hashes=False) is None and len(_quarantined(store)) == 1
+    target.write_bytes(bytes(data))  # same size, changed in place
+    assert store.verified(key, always_hash=False) is None
+    assert hashed == ["adapter_model.safetensors"]
+    [reason] = [json.loads(p.read_text()) for p in _quarantined(store)]
+    assert reason["problems"][0]["problem"] == "sha256"
 
 
 def test_legacy_marker_without_file_list_is_trusted_and_noted_once(tmp_path, caplog, monkeypatch):

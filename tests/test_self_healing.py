@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -96,15 +97,17 @@ def test_corrupt_adapter_is_rebuilt_from_its_final_checkpoint(tiny_config, caplo
     assert len(_reasons(store, "adapter")) == 1 and _warned(caplog, "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("part", ["nf4", "full"])
-def test_corrupt_base_cache_is_rebuilt(tiny_config, part, caplog):
+@pytest.mark.parametrize(("part", "damage"), [("nf4", "truncate"), ("nf4", "flip"), ("full", "truncate")])
+def test_corrupt_base_cache_is_rebuilt(tiny_config, part, damage, caplog):
     cfg = tiny_config
     store = LocalStore(cfg.execution.store)
     base = prepare_base_model(cfg, store)
+    prepare_base_model(cfg, store)  # a reuse: from here on only changed files are hashed again
     key = store.key_of(base.nf4_uri if part == "nf4" else base.full_precision_uri)
     marker = (store.path / key / "_COMPLETE").read_bytes()
     [shard] = sorted((store.path / key).glob("*.safetensors"))
-    _damage(shard, "truncate")
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    _damage(shard, damage)
 
     with caplog.at_level(logging.INFO):
         again = prepare_base_model(cfg, store)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from s3server import moto_server, s3env  # noqa: F401  (fixtures)
+
 from qlora_flow.store import LocalStore
 from tasks.prepare_base import prepare_base_model
 from tasks.train import adapter_key, newest_complete_checkpoint, train_adapter
@@ -221,3 +223,35 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
             assert uri.startswith(str(tmp_path / name) + "/"), uri
         assert not (tmp_path / name / "quarantine").exists()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]
+
+
+def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(tiny_config, tiny_model_dir, s3env, tmp_path,
+                                                                   monkeypatch):
+    """`aws s3 sync` / `mc mirror` of a store: the validated-data entry (report with keys, and a legacy one with
+    absolute s3:// URIs of the old prefix) is found under the new prefix without validating again."""
+    import tasks.validate
+    from qlora_flow.models import load_tokenizer
+    from tasks.validate import validate_dataset
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    first = validate_dataset(tiny_config, s3env.store(tmp_path / "c0"), tokenizer)
+    for key, body in s3env.objects("store/").items():  # what a sync does: same bytes, new place
+        s3env.raw.put_object(Bucket=s3env.bucket, Key="mirror/" + key.removeprefix("store/"), Body=body)
+        s3env.raw.delete_object(Bucket=s3env.bucket, Key=key)
+    monkeypatch.setattr(tasks.validate, "_validate_into", lambda *a: pytest.fail("validated again"))
+
+    mirror = s3env.store(tmp_path / "c1", prefix="mirror")
+    again = validate_dataset(tiny_config, mirror, tokenizer)
+    assert again.fingerprint == first.fingerprint and again.n_train == first.n_train
+    assert again.train_uri == f"s3://{s3env.bucket}/mirror/cache/data/{first.fingerprint}/train.parquet"
+    assert again.report_uri == mirror.uri(f"cache/data/{first.fingerprint}/report.json")
+
+    entry = f"cache/data/{first.fingerprint}"
+    report = mirror.read_json(f"{entry}/report.json")
+    assert report["report_uri"] == f"{entry}/report.json"  # stored as a key
+    legacy = {**report, "report_uri": first.report_uri, "quarantine_uri": first.report_uri.replace("report.json", "quarantine.jsonl")}
+    assert legacy["report_uri"].startswith(f"s3://{s3env.bucket}/store/")
+    (mirror.workdir(entry) / "report.json").write_text(json.dumps(legacy))
+    mirror.commit(entry)
+    assert json.loads(s3env.objects(f"mirror/{entry}/report.json")[f"mirror/{entry}/report.json"]) == legacy
+    assert validate_dataset(tiny_config, s3env.store(tmp_path / "c2", prefix="mirror"), tokenizer) == again

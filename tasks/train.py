@@ -251,6 +251,9 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         """Marks a checkpoint complete only after the trainer wrote all of it, then publishes it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # the Trainer does not wait for the other ranks' RNG files before on_save; the marker records them
+                torch.distributed.barrier()
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
                 store.commit(f"{checkpoints_key}/{name}")

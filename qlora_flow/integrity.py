@@ -10,9 +10,9 @@ Markers written before the list was recorded hold `ok`; such entries are read as
 
 Multi-GB base checkpoints are not re-hashed on every read (`always_hash=False`): the first check
 hashes every file and leaves a `_VERIFIED` stamp beside them with each file's size and modification
-time; later checks hash again only a file whose size or mtime changed since. Any write through the file system (a
-truncation, a byte flipped in place, a copy without timestamps) is caught; damage below it that keeps
-the mtime (media bit rot) is not.
+time; later checks hash again only a file whose size or mtime changed since. So any write through the
+file system (a truncation, a byte flipped in place, a copy that did not keep timestamps) is hashed on
+the next check; damage below the file system that keeps the mtime (media bit rot) is not.
 """
 
 from __future__ import annotations

@@ -144,15 +144,17 @@ class ArtifactStore(ABC):
         moved to quarantine/ first (WARNING), so the caller rebuilds it."""
         if not self.is_complete(key):
             return None
+        marker_key = f"{key}/{COMPLETE_MARKER}"
         for attempt in range(2):
             try:
                 path = self.fetch(key)
-                listing = integrity.recorded_listing(self.read_bytes(f"{key}/{COMPLETE_MARKER}"))
+                marker = self.read_bytes(marker_key)
             except integrity.CorruptEntry as exc:
-                found = exc.problems
+                found, marker = exc.problems, None
                 break
             except FileNotFoundError:  # removed since is_complete (another writer re-committing it)
                 return None
+            listing = integrity.recorded_listing(marker)
             if listing is None:
                 integrity.note_legacy(self.uri(key))
                 return path
@@ -162,8 +164,10 @@ class ArtifactStore(ABC):
             if not (attempt == 0 and self._drop_local_copy(key)):
                 break
         try:
+            if marker is not None and self.read_bytes(marker_key) != marker:
+                return None  # another writer is rebuilding it right now: not ours to move
             where = self.quarantine(key, found)
-        except FileNotFoundError:  # another reader (a DDP rank) moved it first
+        except FileNotFoundError:  # another writer or reader (a DDP rank) got there first
             return None
         log.warning("%s is corrupt (%s); moved it to %s", self.uri(key), integrity.describe(found), self.uri(where))
         return None

@@ -183,3 +183,21 @@ def test_s3_local_copy_damage_is_downloaded_again_stored_damage_is_quarantined(s
 
 def _warned_once(caplog, word: str) -> bool:
     return sum(r.levelno == logging.WARNING and word in r.getMessage() for r in caplog.records) == 1
+
+
+def test_entry_rewritten_by_another_writer_during_the_check_is_not_quarantined(tmp_path, monkeypatch):
+    from qlora_flow import integrity
+
+    store = LocalStore(tmp_path / "s")
+    key = "cache/data/fp"
+    _entry(store, key)
+    real = integrity.problems
+
+    def rewritten_meanwhile(root, listing, always_hash):
+        store.workdir(key)  # a second run rebuilding the same entry drops its marker first...
+        (root / "adapter_model.safetensors").write_bytes(b"half")  # ...then writes its files
+        return real(root, listing, always_hash)
+
+    monkeypatch.setattr(integrity, "problems", rewritten_meanwhile)
+    assert store.verified(key) is None
+    assert _quarantined(store) == [] and (store.path / key / "adapter_model.safetensors").read_bytes() == b"half"

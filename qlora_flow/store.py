@@ -39,6 +39,11 @@ _TOP_LEVEL = ("cache", "runs", "models", integrity.QUARANTINE_ROOT)
 _relocation_noted = False
 
 
+def _key_shaped_tails(segments: list[str]) -> list[str]:
+    """Every tail of a path that starts at a top-level store folder, longest first."""
+    return ["/".join(segments[i:]) for i, segment in enumerate(segments) if segment in _TOP_LEVEL]
+
+
 def _is_reference_field(name: object) -> bool:
     return isinstance(name, str) and (name == "uri" or name.endswith("_uri"))
 
@@ -99,8 +104,8 @@ class ArtifactStore(ABC):
         segments = [s for s in uri.split("://", 1)[-1].split("/") if s]
         if "://" not in uri and not uri.startswith("/") and segments and segments[0] in _TOP_LEVEL:
             return "/".join(segments)
-        for i, segment in enumerate(segments):
-            if segment in _TOP_LEVEL and self.exists(key := "/".join(segments[i:])):
+        for key in _key_shaped_tails(segments):
+            if self.exists(key):
                 global _relocation_noted
                 if not _relocation_noted:
                     _relocation_noted = True
@@ -134,8 +139,11 @@ class ArtifactStore(ABC):
             return value
         try:
             return self.uri(self.key_of(value))
-        except ValueError:  # not an entry of this store (a user's file, say): kept as written
-            return value
+        except ValueError:
+            # a reference field names an entry of the store it was written in, even one removed since
+            # (checkpoints deleted to save space): its innermost key-shaped tail, else the value as written
+            tails = _key_shaped_tails([s for s in value.split("://", 1)[-1].split("/") if s])
+            return self.uri(tails[-1]) if tails else value
 
     def verified(self, key: str, *, always_hash: bool = True) -> Path | None:
         """Local directory of the complete entry at key after checking every file against the size and SHA-256

@@ -151,6 +151,9 @@ def test_documents_store_keys_and_read_back_as_uris_of_the_current_store(tmp_pat
         read = new.as_uris(written)
         assert read["report_uri"] == new.uri("cache/data/fp/nested/state.json")
         assert read["sources"] == document["sources"] and read["quarantine_uri"] is None
+    # an entry removed since it was referenced still maps into the current store
+    gone = new.as_uris({"checkpoint_uri": old.uri("cache/adapter/fp/checkpoints")})
+    assert gone == {"checkpoint_uri": new.uri("cache/adapter/fp/checkpoints")}
 
 
 def test_s3_local_copy_damage_is_downloaded_again_stored_damage_is_quarantined(s3env, tmp_path, caplog):

@@ -36,6 +36,7 @@ def _warned(caplog, *words: str) -> bool:
     return any(r.levelno == logging.WARNING and all(w in r.getMessage() for w in words) for r in caplog.records)
 
 
+@pytest.mark.slow  # trains twice: 70-80 s on the shared 2-core test box
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tiny_config, damage, caplog):
     from conftest import make_chat_rows

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from s3server import moto_server, s3env  # noqa: F401  (fixtures)
+from safetensors.torch import load_file
 
 from qlora_flow.store import LocalStore
 from tasks.prepare_base import prepare_base_model

@@ -157,6 +157,8 @@ def test_corrupt_validated_data_is_rebuilt(tiny_config, tiny_model_dir, caplog):
 
 def _no_rebuilds(monkeypatch) -> None:
     """Every stage that would rebuild a cache entry fails the test if it is entered."""
+    import tasks.evaluate
+    import tasks.merge
     import tasks.prepare_base
     import tasks.train
     import tasks.validate
@@ -172,6 +174,8 @@ def _no_rebuilds(monkeypatch) -> None:
     monkeypatch.setattr(tasks.validate, "_validate_into", forbidden("data validation"))
     monkeypatch.setattr(tasks.prepare_base, "_import_full_precision", forbidden("base import"))
     monkeypatch.setattr(tasks.prepare_base, "load_nf4_model", forbidden("quantization"))
+    monkeypatch.setattr(tasks.evaluate, "measure", forbidden("evaluation"))
+    monkeypatch.setattr(tasks.merge, "merge_adapter", forbidden("merge"))
 
 
 def _as_legacy(root: Path, old_root: Path) -> None:
@@ -180,7 +184,7 @@ def _as_legacy(root: Path, old_root: Path) -> None:
     for marker in root.glob("cache/**/_COMPLETE"):
         marker.write_text("ok\n")
     for document in [*root.glob("cache/adapter/*/adapter/adapter_ref.json"), *root.glob("cache/data/*/report.json"),
-                     *root.glob("runs/*/eval/report.json")]:
+                     *root.glob("cache/*/*/entry.json"), *root.glob("runs/*/eval/report.json")]:
         document.write_text(json.dumps(old.as_uris(json.loads(document.read_text())), indent=2))
     for alias in root.glob("models/*/*.json"):
         pointer = json.loads(alias.read_text())
@@ -217,14 +221,14 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
         moved.execution.store = str(tmp_path / name)
         with caplog.at_level(logging.WARNING):
             state = qlora_pipeline(moved, return_state=True)
-        assert state.is_completed(), state.message
+        assert state.is_completed() and state.name == "Unchanged", state.message  # every stage a cache hit
         result = state.result()
-        assert result.status == "published"
+        assert result.status == "unchanged" and result.published.same_as_run == first.run_id
         assert result.adapter.fingerprint == first.adapter.fingerprint and result.adapter.steps == first.adapter.steps
         assert result.adapter.loss_history == first.adapter.loss_history  # the stored adapter, not a new training
         assert result.data.fingerprint == first.data.fingerprint and result.base.fingerprint == first.base.fingerprint
         for uri in (result.adapter.uri, result.data.train_uri, result.data.report_uri, result.base.nf4_uri,
-                    result.published.manifest_uri):
+                    result.merged.uri):
             assert uri.startswith(str(tmp_path / name) + "/"), uri
         assert not (tmp_path / name / "quarantine").exists()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]

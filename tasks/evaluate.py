@@ -405,7 +405,7 @@ def evaluate_adapter(
         "base_fingerprint": base.fingerprint,
         "eval_rows": len(conversations),
     }
-    (out / "report.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    (out / "report.json").write_text(json.dumps(store.as_keys(document), indent=2, sort_keys=True))
     plot_link = "\n![loss curve](loss_curve.png)\n" if has_plot else ""
     (out / "report.md").write_text(comparison_markdown(report, run_id) + plot_link)
     store.commit(key)

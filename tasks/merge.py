@@ -445,7 +445,7 @@ def merge_or_reuse(
     if cached is not None:
         try:
             present = store.is_complete(store.key_of(cached.merged.uri))
-        except ValueError:  # recorded under another store root (a moved local store)
+        except ValueError:  # names nothing in this store (entries read back map keys and moved-store URIs here)
             present = False
         if present:
             log.info("adapter %s was already merged and verified by run %s; reusing %s",

@@ -232,7 +232,7 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     if document is None:
         return None
     try:
-        manifest_key = store.key_of(document["manifest_uri"])
+        manifest_key = document.get("manifest_key") or store.key_of(document["manifest_uri"])
         manifest_bytes = store.read_bytes(manifest_key)
         manifest = json.loads(manifest_bytes)
         served = manifest["lineage"].get("publication", {}).get("fingerprint")
@@ -273,13 +273,13 @@ def publish_run(
         # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
         # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
         document, manifest = served
-        store.write_json(f"{run}/{SAME_AS_NAME}", {
+        store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
             "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
             "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
             "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
             "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
             "flow_run_id": flow_run_id,
-        })  # fmt: skip
+        }))  # fmt: skip
         log.info("%s:%s already serves this publication (run %s); nothing copied",
                  cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
         return PublishedModel(
@@ -332,6 +332,7 @@ def publish_run(
         document = {
             "run_id": run_id,
             "model_name": name,
+            "manifest_key": manifest_key,  # what readers follow; the URIs are for people and stay as written
             "manifest_uri": store.uri(manifest_key),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "model_uri": model_uri,

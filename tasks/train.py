@@ -70,16 +70,33 @@ def adapter_key(fingerprint: str) -> str:
     return f"cache/adapter/{fingerprint[:24]}"
 
 
-def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+def _complete_steps(store: ArtifactStore, checkpoints_key: str) -> list[int]:
+    """Steps of the checkpoints that have their marker, newest first."""
     steps = []
     for key in store.list(checkpoints_key):
         match = re.search(r"checkpoint-(\d+)/" + COMPLETE_MARKER + "$", key)
         if match:
             steps.append(int(match.group(1)))
-    if not steps:
-        return None
-    step = max(steps)
-    return step, f"{checkpoints_key}/checkpoint-{step}"
+    return sorted(steps, reverse=True)
+
+
+def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+    steps = _complete_steps(store, checkpoints_key)
+    return (steps[0], f"{checkpoints_key}/checkpoint-{steps[0]}") if steps else None
+
+
+def newest_verified_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, Path] | None:
+    """The newest complete checkpoint whose files still match the sizes and SHA-256 its commit recorded.
+
+    A checkpoint marked complete can be damaged later (full disk, a bad copy); resuming from it fails on
+    every retry. A corrupt one is quarantined (see ArtifactStore.verified) and the next older one tried.
+    """
+    for step in _complete_steps(store, checkpoints_key):
+        path = store.verified(f"{checkpoints_key}/checkpoint-{step}")
+        if path is not None:
+            return step, path
+        log.warning("checkpoint at step %d failed verification; trying an older one", step)
+    return None
 
 
 def _training_template(tokenizer) -> str | None:
@@ -242,6 +259,9 @@ def run_training(
         """Marks a checkpoint complete only after the trainer wrote all of it, then publishes it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # the Trainer does not wait for the other ranks' RNG files before on_save; the marker records them
+                torch.distributed.barrier()
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
                 store.commit(f"{checkpoints_key}/{name}")
@@ -284,11 +304,11 @@ def run_training(
             param.data = param.data.to(torch.float32)
     trainable = sum(p.numel() for p in trainable_params)
 
-    resume = newest_complete_checkpoint(store, checkpoints_key)
+    resume = newest_verified_checkpoint(store, checkpoints_key)
     resume_dir = None
     resumed_tokens = 0
     if resume is not None:
-        resume_dir = str(store.fetch(resume[1]))
+        resume_dir = str(resume[1])
         state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
         resumed_tokens = int(state.get("num_input_tokens_seen", 0))
         log.info("resuming from complete checkpoint at step %d", resume[0])
@@ -322,7 +342,8 @@ def run_training(
         trainer.model.save_pretrained(out)
         tokenizer.chat_template = original_template
         tokenizer.save_pretrained(out)
-        (out / "adapter_ref.json").write_text(ref.model_dump_json(indent=2))
+        # keys, not URIs: the reference stays valid when the store is copied or moved
+        (out / "adapter_ref.json").write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
         store.commit(adapter_out_key)
     return ref
 
@@ -420,9 +441,10 @@ def train_adapter(
 ) -> AdapterRef:
     """Return the stored adapter for this exact request, or train (resuming if possible) and store it."""
     key = adapter_key(training_fingerprint(cfg, data, base))
-    if store.is_complete(f"{key}/adapter"):
+    stored = store.verified(f"{key}/adapter")
+    if stored is not None:
         log.info("adapter %s already trained; reusing it", key)
-        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/adapter_ref.json"))
+        return AdapterRef.model_validate(store.as_uris(json.loads((stored / "adapter_ref.json").read_text())))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
     return run_training(cfg, store, data, base, on_progress)
@@ -444,7 +466,7 @@ def _cache_key(context, parameters) -> str:
     store = open_store(cfg.execution)
     key = adapter_key(training_fingerprint(cfg, data, base))
     # Prefect stores results under the cache key, so it must be a plain name, not a path.
-    if not store.is_complete(f"{key}/adapter"):
+    if store.verified(f"{key}/adapter") is None:
         return f"train-pending-{time.time_ns()}"
     return "train-" + combine(store.root, key)[:32]
 

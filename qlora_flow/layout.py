@@ -17,6 +17,7 @@ The same keys on every backend (qlora_flow.store for a local directory, qlora_fl
     runs/<run-id>/manifest.json          every published file with size and SHA-256, and the lineage
     runs/<run-id>/same-as.json           an unchanged re-run: the run whose publication the alias keeps serving
     models/<name>/<alias>.json           alias documents (`production`, `latest`), moved last by compare-and-swap
+    quarantine/<kind>/<rest>/<time>/     an entry that failed verification (entry/) and its reason.json
 
 A directory counts only once its `_COMPLETE` marker (qlora_flow.store.COMPLETE_MARKER) exists.
 Changing a key here moves where results are found: caches written under the old key are not read again.
@@ -33,6 +34,8 @@ DATA_REPORT_NAME = "report.json"
 QUARANTINE_NAME = "quarantine.jsonl"
 EVAL_REPORT_NAME = "report.json"
 FOOTPRINT_NAME = "footprint.json"
+QUARANTINE_ROOT = "quarantine"
+REASON_NAME = "reason.json"
 
 # Cache directories are named by the first 24 hex digits of their fingerprint (96 bits).
 _FP_DIGITS = 24
@@ -90,3 +93,8 @@ def run_eval_key(run_id: str) -> str:
 
 def alias_key(model_name: str, alias: str) -> str:
     return f"models/{model_name}/{alias}.json"
+
+
+def quarantine_key(key: str, stamp: str) -> str:
+    """Where a corrupt entry is set aside: cache/adapter/<fp>/... -> quarantine/adapter/<fp>/.../<stamp>."""
+    return f"{QUARANTINE_ROOT}/{key.strip('/').removeprefix('cache/')}/{stamp}"

@@ -203,7 +203,7 @@ def _callbacks(on_checkpoint: Callable[[str], None], on_log: Callable[[dict], No
 
         def on_save(self, args, state, control, **kwargs):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # the Trainer does not wait for the other ranks' RNG files before on_save
+                # the Trainer does not wait for the other ranks' RNG files before on_save; the marker records them
                 torch.distributed.barrier()
             if state.is_world_process_zero:
                 on_checkpoint(f"checkpoint-{state.global_step}")
@@ -241,6 +241,7 @@ def train_lora(
     """Train (or resume) a LoRA adapter in this process; see the module docstring for the contract."""
     import datasets
     from peft import LoraConfig
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     from qlora_flow.hardware import resolve_compute_dtype
@@ -278,6 +279,8 @@ def train_lora(
         peft_config=peft_config,
         callbacks=_callbacks(on_checkpoint, on_log),
     )
+    # it prints each log dict raw; the stage's progress lines (`[train] step ...`) say the same, readably
+    trainer.remove_callback(PrinterCallback)
     if plan.offload:
         from qlora_flow.speedups import offload_large_activations_only
 

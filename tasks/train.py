@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
+from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
@@ -66,27 +66,52 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
     )
 
 
-def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+def _complete_steps(store: ArtifactStore, checkpoints_key: str) -> list[int]:
+    """Steps of the checkpoints that have their marker, newest first."""
     steps = []
     for key in store.list(checkpoints_key):
         match = re.search(r"checkpoint-(\d+)/" + COMPLETE_MARKER + "$", key)
         if match:
             steps.append(int(match.group(1)))
-    if not steps:
-        return None
-    step = max(steps)
-    return step, f"{checkpoints_key}/checkpoint-{step}"
+    return sorted(steps, reverse=True)
 
 
-def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
+def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+    steps = _complete_steps(store, checkpoints_key)
+    return (steps[0], f"{checkpoints_key}/checkpoint-{steps[0]}") if steps else None
+
+
+def newest_verified_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, Path] | None:
+    """The newest complete checkpoint whose files still match the sizes and SHA-256 its commit recorded.
+
+    A checkpoint marked complete can be damaged later (full disk, a bad copy); resuming from it fails on
+    every retry. A corrupt one is quarantined (see ArtifactStore.verified) and the next older one tried.
+    """
+    for step in _complete_steps(store, checkpoints_key):
+        path = store.verified(f"{checkpoints_key}/checkpoint-{step}")
+        if path is not None:
+            return step, path
+        log.warning("checkpoint at step %d failed verification; trying an older one", step)
+    return None
+
+
+def run_training(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
     """Train (or resume) in this process: fetch the inputs, run the recipe (qlora_flow.recipe), store the adapter.
-    Use `train_adapter` for caching and process isolation."""
+    Use `train_adapter` for caching and process isolation.
+
+    Each trainer log report goes to on_progress; without one it is printed for a parent process."""
     fingerprint = training_fingerprint(cfg, data, base)
     checkpoints_key, adapter_out_key = adapter_checkpoints_key(fingerprint), trained_adapter_key(fingerprint)
     prepare_device(base.device, cfg.training.memory_budget_gib)
     full_dir = store.fetch(store.key_of(base.full_precision_uri))
     plan = make_plan(cfg, base, full_dir)
-    resume = newest_complete_checkpoint(store, checkpoints_key)
+    resume = newest_verified_checkpoint(store, checkpoints_key)
     if resume is not None:
         log.info("resuming from complete checkpoint at step %d", resume[0])
     inputs = RecipeInputs(
@@ -97,12 +122,13 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         device=base.device,
         checkpoint_dir=store.workdir(checkpoints_key),
         adapter_dir=store.workdir(adapter_out_key),
-        resume_from=store.fetch(resume[1]) if resume else None,
+        resume_from=resume[1] if resume else None,
     )
     _remove_incomplete_checkpoints(inputs.checkpoint_dir)
     stats = train_lora(
-        cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"), on_log=_print_progress
-    )
+        cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
+        on_log=on_progress or _print_progress,
+    )  # fmt: skip
     ref = AdapterRef(
         uri=store.uri(adapter_out_key),
         checkpoint_uri=store.uri(checkpoints_key),
@@ -111,7 +137,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         **dataclasses.asdict(stats),
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        (inputs.adapter_dir / ADAPTER_REF_NAME).write_text(ref.model_dump_json(indent=2))
+        # keys, not URIs: the reference stays valid when the store is copied or moved
+        (inputs.adapter_dir / ADAPTER_REF_NAME).write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
         store.commit(adapter_out_key)
     return ref
 
@@ -214,12 +241,13 @@ def train_adapter(
 ) -> AdapterRef:
     """Return the stored adapter for this exact request, or train (resuming if possible) and store it."""
     key = adapter_key(training_fingerprint(cfg, data, base))
-    if store.is_complete(f"{key}/adapter"):
+    stored = store.verified(f"{key}/adapter")
+    if stored is not None:
         log.info("adapter %s already trained; reusing it", key)
-        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/{ADAPTER_REF_NAME}"))
+        return AdapterRef.model_validate(store.as_uris(json.loads((stored / ADAPTER_REF_NAME).read_text())))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
-    return run_training(cfg, store, data, base)
+    return run_training(cfg, store, data, base, on_progress)
 
 
 def _child_main(spec_path: str, result_path: str) -> None:
@@ -232,17 +260,13 @@ def _child_main(spec_path: str, result_path: str) -> None:
         Path(result_path).write_text(ref.model_dump_json())
 
 
-def progress_percent(report: dict) -> float:
-    return 100.0 * report["step"] / max(report["max_steps"], 1)
-
-
 def _cache_key(context, parameters) -> str:
     """Content fingerprint, valid only while the adapter it names is still in the store."""
     cfg, data, base = parameters["cfg"], parameters["data"], parameters["base"]
     store = open_store(cfg.execution)
     key = adapter_key(training_fingerprint(cfg, data, base))
     # Prefect stores results under the cache key, so it must be a plain name, not a path.
-    if not store.is_complete(f"{key}/adapter"):
+    if store.verified(f"{key}/adapter") is None:
         return f"train-pending-{time.time_ns()}"
     return "train-" + combine(store.root, key)[:32]
 
@@ -284,15 +308,15 @@ def train_adapter_exclusively(
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
-    artifact_id = create_progress_artifact(progress=0.0, key="training-progress", description="LoRA training")
+    progress = TrainingProgressArtifact()
 
     def on_progress(report: dict) -> None:
-        update_progress_artifact(artifact_id, progress=progress_percent(report))
+        line = progress.update(report)
         if "loss" in report:
-            logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
+            logger.info(line)
 
     ref = train_adapter_exclusively(cfg, open_store(cfg.execution), data, base, logger.info, on_progress)
-    update_progress_artifact(artifact_id, progress=100.0)
+    progress.finish(ref.steps)
     return ref
 
 

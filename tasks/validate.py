@@ -44,6 +44,7 @@ from qlora_flow.contracts import (
     mark_invalid_utf8,
 )
 from qlora_flow.fingerprint import combine, hash_tree, sha256_file
+from qlora_flow.layout import data_key, data_source_key
 from qlora_flow.readers import RawRow
 from qlora_flow.refs import ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
@@ -310,7 +311,7 @@ def _source_key(cfg: PipelineConfig, sources: list[_Source], settings: str) -> s
     """Pointer from the exact source bytes (and the config reading them) to the content fingerprint."""
     files = [(s.split, hash_tree(s.path) if s.path.is_dir() else sha256_file(s.path)) for s in sources]
     reading = cfg.data.model_dump(include={"format", "column_mapping", "system_prompt"})
-    return f"cache/data-sources/{combine(files, reading, settings)}.json"
+    return data_source_key(combine(files, reading, settings))
 
 
 # ---------------------------------------------------------------- the validation pass
@@ -443,14 +444,14 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
         settings = _settings(cfg, tokenizer)
         source_key = _source_key(cfg, sources, settings)
         fingerprint = store.read_json(source_key)["fingerprint"] if store.exists(source_key) else None
-        if fingerprint is None or not store.is_complete(f"cache/data/{fingerprint}"):
+        if fingerprint is None or store.verified(data_key(fingerprint)) is None:
             # the fingerprint hashes every normalised row, so it is known only after the pass:
             # validate into a staging directory, then move the result under its key
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-flow-validate-")))
             report = _validate_into(staging, cfg, sources, tokenizer)
             fingerprint = combine(report["content_hash"], settings)
-            key = f"cache/data/{fingerprint}"
-            if not store.is_complete(key):  # same rows from another file or format: already done
+            key = data_key(fingerprint)
+            if store.verified(key) is None:  # else the same rows from another file or format: already done
                 workdir = store.workdir(key)
                 for name in _OUTPUTS:
                     shutil.move(staging / name, workdir / name)
@@ -459,12 +460,12 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
                     "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
                     "report_uri": store.uri(f"{key}/report.json"),
                 }
-                (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+                (workdir / "report.json").write_text(json.dumps(store.as_keys(report), indent=2, sort_keys=True))
                 # committed even when the run is about to fail: the quarantine must survive it
                 store.commit(key)
             store.write_json(source_key, {"fingerprint": fingerprint})
-    key = f"cache/data/{fingerprint}"
-    report = store.read_json(f"{key}/report.json")
+    key = data_key(fingerprint)
+    report = store.as_uris(store.read_json(f"{key}/report.json"))
     _enforce(report, cfg.data)
     return ValidatedDataset(
         train_uri=store.uri(f"{key}/train.parquet"),
@@ -527,5 +528,5 @@ def validate_dataset_task(cfg: PipelineConfig) -> ValidatedDataset:
         if exc.report is not None:
             _publish(exc.report)
         raise
-    _publish(store.read_json(store.key_of(result.report_uri)))
+    _publish(store.as_uris(store.read_json(store.key_of(result.report_uri))))
     return result

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import copy_context
 from typing import Any
 
 import cloudpickle
@@ -223,9 +224,10 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         flow_run = FlowRunContext.get()
         holder = {**current_run_ids(), "task_run_id": str(task_run_id)}
         env = {**get_current_settings().to_environment_variables(exclude_unset=True), **os.environ, **self._api_env}
+        # in the submitter's context: its settings (a temporary API URL) reach the lease's Prefect client
         future = self._waiters.submit(
-            self._run, task, task_run_id, parameters, list(wait_for or []), dependencies, serialize_context(), env,
-            holder, get_run_logger(flow_run) if flow_run else self.logger,
+            copy_context().run, self._run, task, task_run_id, parameters, list(wait_for or []), dependencies,
+            serialize_context(), env, holder, get_run_logger(flow_run) if flow_run else self.logger,
         )  # fmt: skip
         return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
 

@@ -118,45 +118,6 @@ def test_multi_gpu_leases_take_whole_aligned_groups_and_show_in_the_ui():
     assert (while_held, after) == ([1, 1, 1, 1], [0, 0, 0, 0])
 
 
-@task(tags=["gpu"])
-def devices_of_a_gpu_task() -> str:
-    return os.environ["CUDA_VISIBLE_DEVICES"]
-
-
-@flow(task_runner=GpuTaskRunner(gpus=1, host="busy-host"))
-def one_gpu_task() -> str:
-    return devices_of_a_gpu_task.submit().result()
-
-
-def test_a_gpu_task_waits_for_a_held_gpu_with_one_info_line_naming_the_holder(caplog):
-    import logging
-    import threading
-
-    from qlora_flow.gpu_locks import hold_gpus
-
-    held = threading.Event()
-
-    def other_run() -> None:
-        """Holds the GPU until the task has waited a while (the test reads the log, the lease does not)."""
-        with hold_gpus("busy-host", 1, 1, {"flow_run_id": "the-other-run"}):
-            held.set()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any("waiting for" in r.getMessage() for r in caplog.records):
-                time.sleep(0.1)
-            time.sleep(2.0)
-
-    holder = threading.Thread(target=other_run)
-    holder.start()
-    held.wait(5)
-    with caplog.at_level(logging.INFO):
-        assert one_gpu_task() == "0"
-    holder.join(5)
-    waiting = [r for r in caplog.records if "waiting for 1 GPU of host busy-host" in r.getMessage()]
-    assert len(waiting) == 1 and waiting[0].levelno == logging.INFO
-    assert "flow run the-other-run" in waiting[0].getMessage() and f"pid {os.getpid()}" in waiting[0].getMessage()
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
 def test_lease_larger_than_host_is_refused():
     with pytest.raises(ValueError, match="needs 3 GPUs but this host has 2"):
         with gpu_lease("h", 2, 3):
@@ -238,3 +199,44 @@ def test_a_gpu_task_makes_its_leased_gpu_current_for_in_process_cuda(monkeypatch
     assert use_leased_gpu() is None and current == []  # not a GpuTaskRunner task: nothing to do
     monkeypatch.setenv(LEASED_GPU_ENV, "1")
     assert use_leased_gpu() == 1 and current == [1]
+
+
+@task(tags=["gpu"])
+def devices_and_shown_slots() -> tuple[str, list[int]]:
+    return os.environ["CUDA_VISIBLE_DEVICES"], shown_slots("busy-host", 1)
+
+
+@flow(task_runner=GpuTaskRunner(gpus=1, host="busy-host"))
+def one_gpu_task() -> tuple[str, list[int]]:
+    return devices_and_shown_slots.submit().result()
+
+
+def test_a_gpu_task_waits_for_a_held_gpu_with_one_info_line_naming_the_holder(prefect_api, caplog):
+    """On a server set with temporary settings (as tests and `deployments.local` do): the lease shows there."""
+    import logging
+    import threading
+
+    from qlora_flow.gpu_locks import hold_gpus
+
+    held = threading.Event()
+
+    def other_run() -> None:
+        """Holds the GPU until the task has waited a while (the test reads the log, the lease does not)."""
+        with hold_gpus("busy-host", 1, 1, {"flow_run_id": "the-other-run"}):
+            held.set()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any("waiting for" in r.getMessage() for r in caplog.records):
+                time.sleep(0.1)
+            time.sleep(2.0)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(5)
+    with caplog.at_level(logging.INFO):
+        assert one_gpu_task() == ("0", [1])
+    holder.join(5)
+    waiting = [r for r in caplog.records if "waiting for 1 GPU of host busy-host" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].levelno == logging.INFO
+    assert "flow run the-other-run" in waiting[0].getMessage() and f"pid {os.getpid()}" in waiting[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+

@@ -20,9 +20,10 @@ import multiprocessing
 import os
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import copy_context
 from typing import Any
@@ -175,17 +176,17 @@ def _run_in_fresh_process(env: dict[str, str], call: bytes) -> bytes:
 class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
     """Runs each task in a fresh spawned process; a task tagged `gpu` first leases its GPUs and sees only them.
 
-    Built on Prefect's public TaskRunner interface with its own pools: one task per process, because a
-    reused process would keep its earlier task's CUDA context and cached memory on a GPU whose lease
-    has passed to another task."""
+    Built on Prefect's public TaskRunner interface. One task per process, because a reused process would
+    keep its earlier task's CUDA context and cached memory on a GPU whose lease has passed to another
+    task; at most `max_workers` such processes at a time."""
 
     def __init__(self, gpus: int, host: str | None = None, max_workers: int | None = None):
         super().__init__()
         self.gpus = gpus
         self.host = host or socket.gethostname()
         self.max_workers = max_workers or max(gpus, 1)
-        self._processes: ProcessPoolExecutor | None = None
         self._waiters: ThreadPoolExecutor | None = None
+        self._process_slots: threading.BoundedSemaphore | None = None
         self._api_env: dict[str, str] = {}
 
     def duplicate(self) -> GpuTaskRunner:
@@ -193,15 +194,14 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
 
     def __enter__(self) -> GpuTaskRunner:
         super().__enter__()
-        # Pools and the ephemeral server start with the first task: a pool process rebuilding its flow's
+        # Threads and the ephemeral server start with the first task: a task's process rebuilding its flow's
         # context enters a duplicate of this runner that never runs anything.
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        for pool in (self._waiters, self._processes):  # waiters first: they wait on the processes
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._waiters = self._processes = None
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=True, cancel_futures=True)
+        self._waiters = self._process_slots = None
         super().__exit__(*exc_info)
 
     def submit(
@@ -213,10 +213,8 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
     ) -> PrefectConcurrentFuture[Any]:
         if not self._started:
             raise RuntimeError("Task runner is not started")
-        if self._processes is None:
-            self._processes = ProcessPoolExecutor(
-                self.max_workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
-            )
+        if self._waiters is None:
+            self._process_slots = threading.BoundedSemaphore(self.max_workers)
             # one thread per submitted task while it waits for its inputs, its GPUs and its process
             self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gpu-task")
             self._api_env = ephemeral_api_env()
@@ -259,8 +257,10 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
             return self._in_process(pinned, call)
 
     def _in_process(self, env: dict[str, str], call: bytes) -> Any:
-        future: Future[bytes] = self._processes.submit(_run_in_fresh_process, env, call)
-        return cloudpickle.loads(future.result())
+        """The task in a process of its own: a one-process pool per task, since a shared pool with
+        max_tasks_per_child=1 spawns an idle replacement (imports and all) after every task."""
+        with self._process_slots, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as one:
+            return cloudpickle.loads(one.submit(_run_in_fresh_process, env, call).result())
 
 
 def use_leased_gpu() -> int | None:

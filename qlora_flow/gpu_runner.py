@@ -187,21 +187,22 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self.max_workers = max_workers or max(gpus, 1)
         self._waiters: ThreadPoolExecutor | None = None
         self._process_slots: threading.BoundedSemaphore | None = None
-        self._api_env: dict[str, str] = {}
+        self._api_env: dict[str, str] | None = None
 
     def duplicate(self) -> GpuTaskRunner:
         return type(self)(self.gpus, self.host, self.max_workers)
 
     def __enter__(self) -> GpuTaskRunner:
         super().__enter__()
-        # Threads and the ephemeral server start with the first task: a task's process rebuilding its flow's
-        # context enters a duplicate of this runner that never runs anything.
+        # one thread per submitted task while it waits for its inputs, its GPUs and its process (made as needed)
+        self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gpu-task")
+        self._process_slots = threading.BoundedSemaphore(self.max_workers)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._waiters is not None:
             self._waiters.shutdown(wait=True, cancel_futures=True)
-        self._waiters = self._process_slots = None
+        self._waiters = self._process_slots = self._api_env = None
         super().__exit__(*exc_info)
 
     def submit(
@@ -211,12 +212,11 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         wait_for: Iterable[PrefectFuture[Any]] | None = None,
         dependencies: dict[str, Any] | None = None,
     ) -> PrefectConcurrentFuture[Any]:
-        if not self._started:
-            raise RuntimeError("Task runner is not started")
         if self._waiters is None:
-            self._process_slots = threading.BoundedSemaphore(self.max_workers)
-            # one thread per submitted task while it waits for its inputs, its GPUs and its process
-            self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gpu-task")
+            raise RuntimeError("Task runner is not started")
+        if self._api_env is None:
+            # at the first task, not on entry: a task's process rebuilding its flow's context enters a
+            # duplicate of this runner that never runs anything
             self._api_env = ephemeral_api_env()
         task_run_id = uuid.uuid4()
         flow_run = FlowRunContext.get()

@@ -156,8 +156,16 @@ def hold_gpus(
     If no group frees up within QUIET_WAIT_S, `on_wait` gets one message naming what holds the GPUs."""
     groups = aligned_groups(total, need)
     directory = lock_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     paths = [lock_path(directory, host, i) for i in range(total)]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.close(_open(path))
+    except OSError as exc:
+        raise OSError(
+            f"cannot create GPU lock files in {directory} ({exc.strerror}): set {LOCK_DIR_ENV} to a directory "
+            "that every process using this host's GPUs can write"
+        ) from exc
     watch = _ReleaseWatch()
     started = time.monotonic()
     announced = False

@@ -31,6 +31,14 @@ def test_lock_dir_is_per_user_unless_configured(monkeypatch, tmp_path):
     assert lock_dir() == Path(f"/tmp/qlora-flow-gpu-locks-{os.getuid()}")
 
 
+def test_an_unusable_lock_dir_says_which_variable_to_set(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "a-file" / "locks"))
+    with pytest.raises(OSError, match=f"cannot create GPU lock files in {tmp_path}/a-file/locks .*set {LOCK_DIR_ENV}"):
+        with hold_gpus("h", 1, 1):
+            pass
+
+
 def test_holder_file_names_the_holder_while_held_and_goes_with_the_lease(private_lock_dir):
     with hold_gpus("h", 2, 2, {"flow_run_id": "fr-1", "task_run_id": "tr-1"}) as ids:
         assert ids == [0, 1]

@@ -1,6 +1,6 @@
 """Task runners that hand GPUs to GPU tasks: this host's GPUs through a process pool, or a Ray cluster.
 
-On one host, `GpuTaskRunner` runs each task in a fresh pool process. Before a task tagged `gpu` starts,
+On one host, `GpuTaskRunner` runs each task in a fresh spawned process. Before a task tagged `gpu` starts,
 it leases as many GPUs as the task needs (`gpu_lease`: OS file locks, see qlora_flow.gpu_locks), and
 runs the task with CUDA_VISIBLE_DEVICES set to exactly those GPUs. The locks are per host and the
 kernel drops them when their holder dies, so two flow runs on the same host never share a GPU and a
@@ -155,7 +155,7 @@ def _cuda_initialised() -> bool:
 
 
 def _run_in_fresh_process(env: dict[str, str], call: bytes) -> bytes:
-    """A GpuTaskRunner task in its pool process; returns its final state, pickled."""
+    """A GpuTaskRunner task in its own process; returns its final state, pickled."""
     # The task's environment first, its unpickling second: importing the task's module (peft, bitsandbytes)
     # may initialise CUDA, which reads CUDA_VISIBLE_DEVICES once. A main module re-imported by the spawn
     # start method may have done so already; then the process sees every GPU and the leased index stays.

@@ -29,6 +29,10 @@ LOCK_DIR_ENV = "QLORA_FLOW_GPU_LOCK_DIR"
 QUIET_WAIT_S = 1.0
 
 
+class LeaseCancelled(Exception):
+    """The caller stopped waiting for GPUs (its flow failed); no GPU was taken."""
+
+
 def lock_dir() -> Path:
     configured = os.environ.get(LOCK_DIR_ENV)
     return Path(configured) if configured else Path(f"/tmp/qlora-flow-gpu-locks-{os.getuid()}")
@@ -149,11 +153,13 @@ def hold_gpus(
     need: int,
     holder: dict | None = None,
     on_wait: Callable[[str], None] = lambda message: None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[list[int]]:
     """Hold `need` GPUs of `host` (an aligned group) until the block ends; blocks until a group is free.
 
     `holder` (flow_run_id, task_run_id, ...) is written next to the locks, with pid, host and start time.
-    If no group frees up within QUIET_WAIT_S, `on_wait` gets one message naming what holds the GPUs."""
+    If no group frees up within QUIET_WAIT_S, `on_wait` gets one message naming what holds the GPUs.
+    Setting `cancel` ends the wait with LeaseCancelled."""
     groups = aligned_groups(total, need)
     directory = lock_dir()
     paths = [lock_path(directory, host, i) for i in range(total)]
@@ -167,10 +173,19 @@ def hold_gpus(
             "that every process using this host's GPUs can write"
         ) from exc
     watch = _ReleaseWatch()
+    if cancel is not None:
+
+        def wake_on_cancel() -> None:
+            cancel.wait()
+            watch.released.set()
+
+        threading.Thread(target=wake_on_cancel, name="gpu-lease-cancel", daemon=True).start()
     started = time.monotonic()
     announced = False
     while True:
-        watch.released.clear()  # before the scan: a release during it still wakes the wait below
+        watch.released.clear()  # before the checks: a release or cancel during them still wakes the wait below
+        if cancel is not None and cancel.is_set():
+            raise LeaseCancelled(f"stopped waiting for {need} GPU{'s' if need > 1 else ''} of host {host}")
         busy: list[Path] = []
         for ids in groups:
             fds, busy_path = _try_group([paths[i] for i in ids])

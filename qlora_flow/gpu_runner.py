@@ -121,13 +121,14 @@ def gpu_lease(
     need: int,
     holder: dict[str, str | None] | None = None,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[list[int]]:
     """Hold `need` GPUs of this host (an aligned group, see gpu_locks.aligned_groups) until the block ends.
 
-    Blocks until a group is free; if that takes a while, logs one INFO line naming the holder. `holder`
-    (flow_run_id, flow_run_name, task_run_id) defaults to the calling run."""
+    Blocks until a group is free (or `cancel` is set: LeaseCancelled); if that takes a while, logs one INFO
+    line naming the holder. `holder` (flow_run_id, flow_run_name, task_run_id) defaults to the calling run."""
     logger = logger or _logger()
-    with hold_gpus(host, total, need, holder or current_run_ids(), on_wait=logger.info) as ids:
+    with hold_gpus(host, total, need, holder or current_run_ids(), on_wait=logger.info, cancel=cancel) as ids:
         show_lease(host, ids, True, logger)
         try:
             yield ids
@@ -187,6 +188,7 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         self.max_workers = max_workers or max(gpus, 1)
         self._waiters: ThreadPoolExecutor | None = None
         self._process_slots: threading.BoundedSemaphore | None = None
+        self._stop_waiting: threading.Event | None = None
         self._api_env: dict[str, str] | None = None
 
     def duplicate(self) -> GpuTaskRunner:
@@ -197,13 +199,17 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         # one thread per submitted task while it waits for its inputs, its GPUs and its process (made as needed)
         self._waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gpu-task")
         self._process_slots = threading.BoundedSemaphore(self.max_workers)
+        self._stop_waiting = threading.Event()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
         if self._waiters is not None:
+            if exc_type is not None:
+                self._stop_waiting.set()  # a failing flow does not wait for GPUs for tasks whose results it drops
             self._waiters.shutdown(wait=True, cancel_futures=True)
-        self._waiters = self._process_slots = self._api_env = None
-        super().__exit__(*exc_info)
+            self._stop_waiting.set()  # ends the threads that watched for it
+        self._waiters = self._process_slots = self._stop_waiting = self._api_env = None
+        super().__exit__(exc_type, *exc_info)
 
     def submit(
         self,
@@ -252,7 +258,7 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         need = gpus_needed(task.tags, parameters)
         if need == 0:
             return self._in_process({**env, "CUDA_VISIBLE_DEVICES": ""}, call)
-        with gpu_lease(self.host, self.gpus, need, holder, logger) as ids:
+        with gpu_lease(self.host, self.gpus, need, holder, logger, self._stop_waiting) as ids:
             pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), LEASED_GPU_ENV: str(ids[0])}
             return self._in_process(pinned, call)
 

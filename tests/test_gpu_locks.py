@@ -103,6 +103,26 @@ def take_and_release(need: int, got: list, messages: list[str]) -> threading.Thr
     return thread
 
 
+def test_a_cancelled_wait_takes_nothing():
+    cancel = threading.Event()
+    failed: list[Exception] = []
+
+    def waiter() -> None:
+        try:
+            with hold_gpus("h", 1, 1, cancel=cancel):
+                pass
+        except gpu_locks.LeaseCancelled as exc:
+            failed.append(exc)
+
+    with hold_gpus("h", 1, 1):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        cancel.set()
+        thread.join(5)
+        assert not thread.is_alive() and "stopped waiting for 1 GPU of host h" in str(failed[0])
+
+
 def test_short_contention_logs_nothing():
     messages: list[str] = []
     got: list = []

@@ -240,3 +240,32 @@ def test_a_gpu_task_waits_for_a_held_gpu_with_one_info_line_naming_the_holder(pr
     assert "flow run the-other-run" in waiting[0].getMessage() and f"pid {os.getpid()}" in waiting[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
+
+@task(tags=["gpu"])
+def never_gets_its_gpu() -> None:
+    raise AssertionError("ran on a GPU that another run holds")
+
+
+WAITING: list = []  # a flow's parameters are copies
+
+
+@flow
+def fails_while_a_task_waits_for_a_gpu() -> None:
+    with GpuTaskRunner(gpus=1, host="held-host") as runner:
+        WAITING.append(runner.submit(never_gets_its_gpu, {}))
+        time.sleep(2.0)  # the task is waiting for the GPU now
+        raise RuntimeError("a sibling task failed")
+
+
+def test_a_failing_flow_stops_waiting_for_gpus():
+    """The sweep's runner block exits on an error without waiting for GPUs that another run holds."""
+    from qlora_flow.gpu_locks import LeaseCancelled, hold_gpus
+
+    with hold_gpus("held-host", 1, 1):
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="a sibling task failed"):
+            fails_while_a_task_waits_for_a_gpu()
+        assert time.monotonic() - started < 60
+        with pytest.raises(LeaseCancelled, match="stopped waiting for 1 GPU of host held-host"):
+            WAITING.pop().result(timeout=5)
+

@@ -6,17 +6,18 @@ import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.run_config import resolve_and_record, resolve_run_config
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
 from tasks.merge import merge_task
@@ -27,11 +28,12 @@ from tasks.validate import validate_dataset_task
 
 
 CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
+REJECTED = "Rejected"  # state name of a run whose candidate the quality gate rejected
 
 
 class PipelineResult(BaseModel):
     run_id: str
-    status: Literal["published", "merged", "rejected"]
+    status: Literal["published", "merged", "rejected", "unchanged"]
     message: str
     data: ValidatedDataset
     base: PreparedBase
@@ -42,14 +44,17 @@ class PipelineResult(BaseModel):
 
 
 def run_namer(kind: str = "") -> Callable[[], str]:
-    """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's `config`."""
+    """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's resolved config."""
 
     def name() -> str:
-        config = flow_run.parameters.get("config")
-        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-        data_name = Path(cfg.data.train_path).stem
+        params = flow_run.parameters
+        try:
+            cfg = resolve_run_config(params.get("config"), params.get("overrides")).config
+            model, data_name = cfg.publish.model_name, Path(cfg.data.train_path).stem
+        except ConfigError:  # the flow body fails with the reason
+            model, data_name = "invalid config", "-"
         prefix = f"{kind} " if kind else ""
-        return f"{prefix}{cfg.publish.model_name} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+        return f"{prefix}{model} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
 
     return name
 
@@ -76,10 +81,18 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
     store.write_json(claim, {"flow_run_id": mine})
 
 
-@flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True)
-def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
-    """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
+# Parameters are validated by resolve_run_config, not by Prefect: a `config` fragment must be merged
+# onto the deployment's config before validation, or PipelineConfig's defaults would fill the rest.
+@flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True, validate_parameters=False)
+def qlora_pipeline(
+    config: PipelineConfig = PipelineConfig(), overrides: dict[str, Any] = {}  # noqa: B006 - never mutated
+) -> PipelineResult:
+    """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish.
+
+    `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
+    sets dotted keys on top, e.g. {"training.max_steps": 10}."""
     logger = get_run_logger()
+    config = resolve_and_record(config, overrides)
     check_local_inputs(config)
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
@@ -91,7 +104,7 @@ def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         return _stages(config, run_id, logger)
 
 
-def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Completed:
+def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | State:
     # Data validation and base preparation do not depend on each other.
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)
@@ -105,8 +118,9 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Com
     if not report.verdict.passed:
         result.message = "quality gate failed: " + "; ".join(report.verdict.reasons)
         logger.warning(result.message)
-        # A rejection is an outcome, not a crash: the run completes under its own state name.
-        return Completed(name="Rejected", message=result.message, data=result)
+        # Failed-type, so the runs list shows it red and `prefect flow-run ls` FAILED: no model came out of
+        # it and someone has to look. Its name tells it from a crash; its data is the full result.
+        return Failed(name=REJECTED, message=result.message, data=result)
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
     if not config.publish.enabled:
@@ -116,6 +130,16 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Com
         config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
         base=base,
     )
+    if result.published.same_as_run:
+        # Every stage was a cache hit and the alias already serves this model: the run completes as Unchanged,
+        # like a scheduled retraining that found nothing to do (flows/retrain.py).
+        result.status = "unchanged"
+        result.message = (
+            f"{config.publish.model_name}:{config.publish.alias} already serves this model with these results "
+            f"(run {result.published.same_as_run}); no model copied, run {run_id} recorded at {result.published.run_uri}"
+        )
+        logger.info(result.message)
+        return Completed(name="Unchanged", message=result.message, data=result)
     result.status = "published"
     result.message = f"published {config.publish.model_name} run {run_id}: {result.published.manifest_uri}"
     logger.info(result.message)

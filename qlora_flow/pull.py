@@ -24,6 +24,12 @@ class PullError(RuntimeError):
     """The model cannot be pulled, or what was downloaded does not verify."""
 
 
+def stored_key(run: str, entry: dict) -> str:
+    """Store key of a manifest entry's bytes: under the run's own directory, or at `stored_at` for a merged
+    model that an earlier run stored and this run reuses (tasks/publish.py)."""
+    return entry.get("stored_at") or f"{run}/{entry['path']}"
+
+
 def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactStore:
     if store_uri.startswith("s3://"):
         from qlora_flow.s3store import S3Store
@@ -45,7 +51,9 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
         pointer, _ = store.read_alias(alias_key)
         if pointer is None:
             raise PullError(f"{store.uri(alias_key)} does not exist: nothing is published as {name}:{alias}")
-        manifest_bytes = store.read_bytes(store.key_of(pointer["manifest_uri"]))
+        # aliases written before manifest_key hold only the absolute URI; key_of maps it into this store
+        manifest_key = pointer.get("manifest_key") or store.key_of(pointer["manifest_uri"])
+        manifest_bytes = store.read_bytes(manifest_key)
         if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
             raise PullError(f"{pointer['manifest_uri']} does not match the checksum recorded in {store.uri(alias_key)}")
         manifest = json.loads(manifest_bytes)
@@ -57,7 +65,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
         if dest.exists() and any(dest.iterdir()):
             raise PullError(f"{dest} already exists and holds something else; choose an empty destination")
 
-        run = store.key_of(pointer["manifest_uri"]).rsplit("/", 1)[0]
+        run = manifest_key.rsplit("/", 1)[0]
         model_files = [f for f in manifest["files"] if f["path"].startswith(_MODEL_PART)]
         if not model_files:
             raise PullError(f"manifest of run {manifest['run_id']} lists no model files")
@@ -67,7 +75,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
             if rel == MANIFEST_NAME:
                 raise PullError(f"the model itself holds a {MANIFEST_NAME}; refusing to overwrite it with the manifest")
             target = out / rel
-            store.download(f"{run}/{entry['path']}", target)
+            store.download(stored_key(run, entry), target)
             actual = sha256_file(target)
             if actual != entry["sha256"] or target.stat().st_size != entry["size"]:
                 raise PullError(

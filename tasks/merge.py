@@ -41,9 +41,11 @@ from prefect import task
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.console import StageProgress, run_logger
 from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
+from qlora_flow.stage_cache import MergeEntry, entry_key, merge_fingerprint, read_entry, write_entry
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
 
@@ -119,6 +121,7 @@ def probe(
     max_new_tokens: int,
     eos: list[int] | None,
     reference: list[Probe] | None = None,
+    progress: StageProgress | None = None,
 ) -> list[Probe]:
     """Greedy answers (one prompt at a time, so no padding) and logits on prompt + the reference's answer.
 
@@ -139,6 +142,8 @@ def probe(
         answer = reference[i].generated if reference else generated
         logits = model(input_ids=torch.tensor([prompt + answer], device=device)).logits[0].float().cpu()
         probes.append(Probe(prompt, generated, logits))
+        if progress:
+            progress.advance()
     return probes
 
 
@@ -299,7 +304,8 @@ def verify_saved(
     prompts = [c[:-1] for c in conversations]
     # A float32 save is checked in float32: reading it back in 16 bits would round the merge again.
     reloaded_model = _load(out, torch.float32 if saved_dtype == torch.float32 else compute_dtype, device)
-    reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference)
+    verifying = StageProgress("merge", "verifying the saved model: prompt", len(prompts))
+    reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference, verifying)
     del reloaded_model
     _release(device)
     stops_ok, stopped = stops_at_end_of_turn(reloaded_probes, stop_ids, budget)
@@ -377,7 +383,8 @@ def merge_adapter(
     reference: list[Probe] = []
     if m.verify:
         model = PeftModel.from_pretrained(_load(base_dir, compute_dtype, device), adapter_dir)
-        reference = probe(model, tokenizer, prompts, budget, stop_ids)
+        answering = StageProgress("merge", "reference answers of the adapter: prompt", len(prompts))
+        reference = probe(model, tokenizer, prompts, budget, stop_ids, progress=answering)
         del model
         _release(device)
 
@@ -387,6 +394,7 @@ def merge_adapter(
     def merge_and_verify(save_dtype: torch.dtype) -> tuple[dict, list[str]]:
         for stale in out.iterdir():  # a previous attempt may have left differently named shards
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        run_logger("merge").info("[merge] merging the adapter into the %s base", str(save_dtype).removeprefix("torch."))
         merged = PeftModel.from_pretrained(_load(base_dir, save_dtype, device), adapter_dir).merge_and_unload()
         merged.generation_config = generation_config_for(base_dir, tokenizer)
         merged.save_pretrained(out, max_shard_size=m.max_shard_size)
@@ -421,6 +429,35 @@ def merge_adapter(
     )
 
 
+def merge_or_reuse(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    base: PreparedBase,
+    adapter: AdapterRef,
+    report: EvalReport | None = None,
+    data: ValidatedDataset | None = None,
+) -> MergedModel:
+    """The verified merge of an earlier run with the same adapter and merge settings, where it is stored
+    (cache/merged/<fp> names it; its model card names that run), else merge_adapter, recorded there."""
+    fingerprint = merge_fingerprint(cfg, base, adapter, data)
+    cached = read_entry(store, "merged", fingerprint, MergeEntry)
+    if cached is not None:
+        try:
+            present = store.is_complete(store.key_of(cached.merged.uri))
+        except ValueError:  # names nothing in this store (entries read back map keys and moved-store URIs here)
+            present = False
+        if present:
+            log.info("adapter %s was already merged and verified by run %s; reusing %s",
+                     adapter.fingerprint[:16], cached.run_id, cached.merged.uri)  # fmt: skip
+            return cached.merged
+        log.warning("%s names merged model %s, which is gone or incomplete; merging again",
+                    store.uri(entry_key("merged", fingerprint)), cached.merged.uri)  # fmt: skip
+    merged = merge_adapter(cfg, store, run_id, base, adapter, report, data)
+    write_entry(store, "merged", fingerprint, MergeEntry(merged=merged, run_id=run_id))
+    return merged
+
+
 # No retries: a verification failure is deterministic and would only repeat.
 @task(name="merge")
 def merge_task(
@@ -431,4 +468,4 @@ def merge_task(
     report: EvalReport | None = None,
     data: ValidatedDataset | None = None,
 ) -> MergedModel:
-    return merge_adapter(cfg, open_store(cfg.execution), run_id, base, adapter, report, data)
+    return merge_or_reuse(cfg, open_store(cfg.execution), run_id, base, adapter, report, data)

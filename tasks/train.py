@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
 from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
@@ -381,7 +382,7 @@ def run_training_in_child(
     with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         project_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = project_root + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.Popen(
@@ -454,6 +455,7 @@ def _child_main(spec_path: str, result_path: str) -> None:
     # force: importing Prefect already gave the root logger a WARNING-level handler, which swallowed the
     # INFO lines (the training plan, resume points) that the parent streams into the Prefect run's logs.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    exit_with_parent()  # a SIGKILLed flow process must not leave this training holding the GPU
     spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -32,7 +32,11 @@ class DataConfig(_Section):
         description="Training data: JSONL, JSON, CSV, Parquet or a `save_to_disk` directory; local path or s3:// URI.",
     )
     eval_path: str | None = Field(None, description="Held-out data. When empty, a seeded split of train_path is used.")
-    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "instruction"] = Field(
+        "auto",
+        description="Data shape: chat `messages` (OpenAI, with tool_calls/tool turns), ShareGPT `conversations` "
+        "({from, value}), prompt/completion or instruction/input/output; auto detects it from the columns.",
+    )
     column_mapping: dict[str, str] = Field(
         default_factory=dict,
         description="Rename source columns to the canonical names, e.g. {'question': 'prompt', 'answer': 'completion'}.",

@@ -79,6 +79,18 @@ class LoraSettings(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
     bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = Field(
+        False, description="DoRA (peft): a learned magnitude per output feature on top of the LoRA direction; "
+        "trains on the NF4 base, merges like LoRA, slower steps.",
+    )
+    use_rslora: bool = Field(False, description="rsLoRA (peft): scale the update by alpha/sqrt(r) instead of alpha/r.")
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="LoRA A initialisation (peft init_lora_weights): default (Kaiming-uniform) or gaussian. PiSSA "
+        "and LoftQ are not offered: peft 0.17-0.18 refuses PiSSA on a bitsandbytes 4-bit weight (it must run on the "
+        "16-bit base, whose residual is then re-quantized), and LoftQ on an NF4 base needs "
+        "replace_lora_weights_loftq with the unquantized shards, i.e. a different base per adapter.",
+    )
 
 
 class TrainingConfig(_Section):

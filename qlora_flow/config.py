@@ -176,6 +176,18 @@ class MergeConfig(_Section):
     )
 
 
+class ExportConfig(_Section):
+    gguf: list[Literal["f16", "q8_0"]] = Field(
+        default_factory=list,
+        description="Also write the verified merged model as GGUF (llama.cpp, Ollama, LM Studio), one file per type: "
+        "f16 must give the merged model's greedy answers; q8_0 is checked against q8_0_min_top1_agreement. "
+        "Llama-family models with a GPT-2 style BPE tokenizer only; others fail the stage with the reason.",
+    )
+    q8_0_min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Share of next-token argmaxes a q8_0 file must share with the merged model."
+    )
+
+
 class S3Settings(_Section):
     endpoint_url: str | None = Field(None, description="Set for MinIO or another S3-compatible server.")
     region: str | None = None
@@ -240,6 +252,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

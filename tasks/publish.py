@@ -12,10 +12,13 @@ A consumer following an alias therefore always finds a manifest whose files all 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
+
+import yaml
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -27,7 +30,7 @@ from prefect.transactions import transaction
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, library_versions
-from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import AdapterRef, EvalReport, GgufExport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
 
@@ -76,7 +79,8 @@ def _under(key: str, prefix: str) -> bool:
 
 
 def _plan(
-    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset
+    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
+    gguf: GgufExport | None = None,
 ) -> dict[str, str]:
     """Destination path (relative to the run) -> source key, for every file the run publishes."""
     model = store.key_of(merged.uri)
@@ -97,6 +101,10 @@ def _plan(
             plan[f"{part}/{PurePosixPath(key).name}"] = key
 
     add_tree(model, "model")
+    if gguf is not None:
+        if not store.is_complete(store.key_of(gguf.uri)):
+            raise PublishError(f"GGUF export {gguf.uri} is missing or was never completed")
+        add_tree(store.key_of(gguf.uri), "gguf")
     add_tree(_tree(store, adapter.uri), "adapter", skip=store.key_of(adapter.checkpoint_uri))
     add_tree(_tree(store, report.uri), "eval")
     add_file(report.samples_uri, "eval")
@@ -105,6 +113,32 @@ def _plan(
     if data.quarantine_uri and store.exists(store.key_of(data.quarantine_uri)):
         add_file(data.quarantine_uri, "data-report")
     return plan
+
+
+def adapter_card(cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter: AdapterRef, base: PreparedBase) -> str:
+    """README of the published adapter: which base it belongs on, and how to load or serve it."""
+    lora = json.loads(store.read_bytes(f"{store.key_of(adapter.uri)}/adapter_config.json"))
+    metadata = {
+        "base_model": base.model_id,
+        "library_name": "peft",
+        "tags": ["lora", "qlora", "qlora-flow"],
+        "qlora_flow": {
+            "run_id": run_id,
+            "base_model_source": base.model_id,
+            "base_fingerprint": base.fingerprint,
+            "adapter_fingerprint": adapter.fingerprint,
+            "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora")},
+        },
+    }
+    body = (
+        f"# {cfg.publish.model_name} LoRA adapter (run `{run_id}`)\n\n"
+        f"Trained with QLoRA on the NF4-quantized `{base.model_id}`; apply it to that model's 16-bit weights "
+        f"(base fingerprint `{base.fingerprint}`), which is what `model/` of this run is merged from.\n\n"
+        "- peft: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER_DIR)`\n"
+        "- vLLM: `vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_DIR`\n"
+        "- TGI: `--lora-adapters NAME=ADAPTER_DIR`\n"
+    )
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
 
 
 def build_manifest(
@@ -199,9 +233,15 @@ def publish_run(
     data: ValidatedDataset,
     base: PreparedBase,
     flow_run_id: str | None = None,
+    gguf: GgufExport | None = None,
 ) -> PublishedModel:
     run = run_key(run_id)
-    plan = _plan(store, merged, adapter, report, data)
+    plan = _plan(store, merged, adapter, report, data, gguf)
+    # the adapter is served as it is (vLLM/TGI LoRA modules): its README names the base it belongs on
+    card, card_key = adapter_card(cfg, store, run_id, adapter, base).encode(), f"{run}/adapter/README.md"
+    if _info_or_none(store, card_key) != (len(card), hashlib.sha256(card).hexdigest()):  # publishing again writes nothing
+        store.write_bytes(card_key, card)
+    plan["adapter/README.md"] = card_key
     sources = {dst: store.file_info(src) for dst, src in plan.items()}
     manifest = build_manifest(
         cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id
@@ -317,6 +357,7 @@ def publish_task(
     report: EvalReport,
     data: ValidatedDataset,
     base: PreparedBase,
+    gguf: GgufExport | None = None,
 ) -> PublishedModel:
     logger = get_run_logger()
     # keyed on store + run: a second publish of the same run returns the recorded result untouched,
@@ -331,7 +372,7 @@ def publish_task(
                 return record.result
         published = publish_run(
             cfg, store, run_id, merged=merged, adapter=adapter, report=report, data=data, base=base,
-            flow_run_id=flow_run.get_id(),
+            flow_run_id=flow_run.get_id(), gguf=gguf,
         )
         txn.stage(published)
     logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)

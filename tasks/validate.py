@@ -213,9 +213,8 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
         else:
             records[i] = {data.column_mapping.get(k, k): v for k, v in row.value.items()}
             if text_cells and shape in ("messages", "sharegpt"):
-                records[i][shape if shape == "messages" else "conversations"] = _decode_json_cell(
-                    records[i].get(shape if shape == "messages" else "conversations")
-                )
+                column = SHAPE_COLUMNS[shape][0]
+                records[i][column] = _decode_json_cell(records[i].get(column))
     cells = [{k: mark_invalid_utf8(v) for k, v in r.items()} for r in records.values()]
     # every schema column must exist in the frame, or a chunk lacking one would pass unchecked;
     # object dtype keeps values as read, so a type check sees an int as an int

@@ -111,3 +111,30 @@ def test_pre_tokenizer_names_llama_cpp_knows(pre_tokenizer, name):
             _pre_tokenizer_name({"pre_tokenizer": pre_tokenizer})
     else:
         assert _pre_tokenizer_name({"pre_tokenizer": pre_tokenizer}) == name
+
+
+@pytest.mark.slow  # the real SmolLM2-135M: GGUF import, NF4 quantization, f16 export and its check
+def test_demo_config_smollm2_exports_an_f16_gguf_with_the_same_greedy_answers(tmp_path, monkeypatch):
+    """The demo config's export on the real base (its 16-bit import stands in for the merge, which it equals
+    in shape, tokenizer and template); the full demo run's numbers are in the README."""
+    from qlora_flow.config import load_config
+    from qlora_flow.models import load_tokenizer_for
+    from qlora_flow.refs import MergedModel
+    from qlora_flow.store import LocalStore
+    from tasks.prepare_base import prepare_base_model
+    from tasks.validate import validate_dataset
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs/demo.yaml", {"execution.store": str(tmp_path / "store"), "merge.verify_prompts": 2,
+                                                   "evaluation.max_new_tokens": 24})  # fmt: skip
+    assert "f16" in cfg.export.gguf
+    cfg.export.gguf = ["f16"]
+    store = LocalStore(cfg.execution.store)
+    data = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
+    base = prepare_base_model(cfg, store)
+    stand_in = MergedModel(uri=base.full_precision_uri, fingerprint=base.fingerprint, dtype="bfloat16", verification={})
+    exported = export_gguf_files(cfg, store, "run-demo", stand_in, data)
+    f16 = exported.verification["f16"]
+    print("SmolLM2 f16 GGUF:", json.dumps(f16, sort_keys=True))
+    assert f16["greedy_identical"] == f16["prompts"] == 2 and f16["tokenizer_same_ids"] and f16["same_chat_template"]

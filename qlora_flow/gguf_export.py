@@ -146,6 +146,9 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str, name: str) -> Path:
     writer.add_token_merges(merges)
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens))
     special.chat_template = None  # written below from the tokenizer, which also reads chat_template.jinja
+    # say whether encoding starts with BOS, as the tokenizer does: llama.cpp's default differs per pre-tokenizer
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    special.add_special_token.setdefault("bos", adds_bos)
     special.add_to_gguf(writer, quiet=True)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from qlora_flow.config import ConfigError, PipelineConfig, load_config
+from qlora_flow.schedule_ops import add_schedule_parser
 
 EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 1, 2, 3
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
                       help="merged model as safetensors (default) or the GGUF files")  # fmt: skip
     p.set_defaults(func=cmd_pull)
+    add_schedule_parser(sub)
     return parser
 
 

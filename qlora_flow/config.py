@@ -312,15 +312,28 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {source!r} must hold a mapping of sections, not {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+    cfg = validate_config(apply_overrides(raw, overrides or {}), source)
     check_local_inputs(cfg)
     return cfg
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set dotted keys (`training.max_steps`) in a raw config mapping, in place; returns it."""
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{dotted}: {where} is a value, not a section; set {where} itself")
+        node[leaf] = value
+    return raw
+
+
+def validate_config(raw: dict, source: str) -> PipelineConfig:
+    """A PipelineConfig from a raw mapping, or a ConfigError with one line per wrong field."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -22,7 +22,13 @@ import shutil
 from prefect import task
 
 from qlora_flow.config import PipelineConfig
-from qlora_flow.gguf_export import check_exportable, compare_models, export_gguf, gguf_file_name, load_gguf
+from qlora_flow.gguf_export import (
+    check_exportable,
+    compare_models,
+    export_gguf,
+    gguf_file_name,
+    load_gguf,
+)
 from qlora_flow.refs import GgufExport, MergedModel, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 

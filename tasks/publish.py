@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 import yaml
-
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -31,7 +30,15 @@ from prefect.transactions import transaction
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, library_versions
 from qlora_flow.model_events import model_resource
-from qlora_flow.refs import AdapterRef, EvalReport, GgufExport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import (
+    AdapterRef,
+    EvalReport,
+    GgufExport,
+    MergedModel,
+    PreparedBase,
+    PublishedModel,
+    ValidatedDataset,
+)
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TOKENIZER_DIR, make_chat_rows
 from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR, make_chat_rows
 from qlora_flow.config import load_config
 from qlora_flow.store import LocalStore
 from tasks.validate import validate_dataset

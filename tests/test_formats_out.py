@@ -13,13 +13,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_flow.cli import main
 from qlora_flow.fingerprint import sha256_file
-from qlora_flow.gguf_export import GgufExportError, _pre_tokenizer_name, compare_models, export_gguf, load_gguf
+from qlora_flow.gguf_export import (
+    GgufExportError,
+    _pre_tokenizer_name,
+    compare_models,
+    export_gguf,
+    load_gguf,
+)
 from qlora_flow.refs import EvalReport, GateVerdict
 from tasks.export_gguf import export_gguf_files
 from tasks.merge import merge_adapter
 from tasks.publish import publish_run
-from tests.test_evaluate_support import N_EVAL, run_inputs, tiny_adapter_dir, write_inputs  # noqa: F401
 from tests.conftest import make_chat_rows
+from tests.test_evaluate_support import (  # noqa: F401
+    N_EVAL,
+    run_inputs,
+    tiny_adapter_dir,
+)
 
 
 def _report(store) -> EvalReport:

@@ -40,9 +40,8 @@ def test_pissa_and_loftq_are_rejected_with_the_reason():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
     from conftest import TOKENIZER_DIR
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 

@@ -25,6 +25,12 @@ class PullError(RuntimeError):
     """The model cannot be pulled, or what was downloaded does not verify."""
 
 
+def stored_key(run: str, entry: dict) -> str:
+    """Store key of a manifest entry's bytes: under the run's own directory, or at `stored_at` for a merged
+    model that an earlier run stored and this run reuses (tasks/publish.py)."""
+    return entry.get("stored_at") or f"{run}/{entry['path']}"
+
+
 def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactStore:
     if store_uri.startswith("s3://"):
         from qlora_flow.s3store import S3Store
@@ -68,7 +74,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
             if rel == MANIFEST_NAME:
                 raise PullError(f"the model itself holds a {MANIFEST_NAME}; refusing to overwrite it with the manifest")
             target = out / rel
-            store.download(f"{run}/{entry['path']}", target)
+            store.download(stored_key(run, entry), target)
             actual = sha256_file(target)
             if actual != entry["sha256"] or target.stat().st_size != entry["size"]:
                 raise PullError(

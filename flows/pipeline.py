@@ -16,7 +16,15 @@ from pydantic import BaseModel
 from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
-from qlora_flow.refs import AdapterRef, EvalReport, GgufExport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import (
+    AdapterRef,
+    EvalReport,
+    GgufExport,
+    MergedModel,
+    PreparedBase,
+    PublishedModel,
+    ValidatedDataset,
+)
 from qlora_flow.run_config import resolve_and_record, resolve_run_config
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
@@ -26,7 +34,6 @@ from tasks.prepare_base import prepare_base_model_task
 from tasks.publish import MANIFEST_NAME, publish_task, run_key
 from tasks.train import train_adapter_task
 from tasks.validate import validate_dataset_task
-
 
 CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
 
@@ -124,7 +131,7 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Com
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
     if config.export.gguf:
-        result.gguf = export_gguf_task(config, run_id, result.merged, data)
+        result.gguf = export_gguf_task(config, result.merged, data)
     if not config.publish.enabled:
         result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
         return result

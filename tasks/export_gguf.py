@@ -1,9 +1,10 @@
 """Export stage: the verified merged model as GGUF files, each read back and checked before it is committed.
 
 Runs after the merge (whose saved directory it reads) and before publish, only when `export.gguf`
-names types. Files land in runs/<run-id>/gguf/ (`model-f16.gguf`, `model-q8_0.gguf`,
-`verification.json`), committed only after every file passed its check, so publish never lists a
-file that failed. The check mirrors the merge verification: transformers' GGUF loader reads the file
+names types. Files land in cache/gguf/<fingerprint>/ (`model-f16.gguf`, `model-q8_0.gguf`,
+`verification.json`; the fingerprint covers the merged model, the export and check settings and this
+code, so an unchanged re-run reuses them), committed only after every file passed its check, so publish
+(which copies them to runs/<run-id>/gguf/) never lists a file that failed. The check mirrors the merge verification: transformers' GGUF loader reads the file
 back (de-quantized to float32), and on the first `merge.verify_prompts` eval prompts its greedy
 answers and logits are compared with the merged model's (both in float32, on the same token ids):
   - f16: every greedy answer token for token;
@@ -22,6 +23,7 @@ import shutil
 from prefect import task
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.fingerprint import code_version, combine
 from qlora_flow.gguf_export import (
     check_exportable,
     compare_models,
@@ -46,15 +48,23 @@ def _verify_prompts(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDa
     return [messages[:-1] for messages in rows[: cfg.merge.verify_prompts]]
 
 
-def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, run_id: str, merged: MergedModel, data: ValidatedDataset) -> GgufExport:
+def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, merged: MergedModel, data: ValidatedDataset) -> GgufExport:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_flow.models import end_of_turn_token_ids
 
+    fingerprint = combine(
+        "gguf", merged.fingerprint, data.fingerprint, cfg.export, cfg.merge.verify_prompts, cfg.merge.logits_atol_16bit,
+        cfg.evaluation.max_new_tokens, cfg.publish.model_name, code_version("qlora_flow.gguf_export", "tasks.export_gguf"),
+    )  # fmt: skip
+    key = f"cache/gguf/{fingerprint[:24]}"
+    if store.is_complete(key):
+        log.info("GGUF files for merged model %s already exported and verified: %s", merged.fingerprint[:16], store.uri(key))
+        files = {q: gguf_file_name(q) for q in cfg.export.gguf}
+        return GgufExport(uri=store.uri(key), files=files, verification=store.read_json(f"{key}/verification.json"))
     model_dir = store.fetch(store.key_of(merged.uri))
     check_exportable(model_dir)  # an unsupported model fails here, before anything is written
-    key = f"runs/{run_id}/gguf"
     out = store.workdir(key)
     for stale in out.iterdir():  # a killed attempt may have left files behind
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -93,5 +103,5 @@ def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, run_id: str, me
 
 # No retries: an unsupported model or a failed verification would only fail again.
 @task(name="export-gguf")
-def export_gguf_task(cfg: PipelineConfig, run_id: str, merged: MergedModel, data: ValidatedDataset) -> GgufExport:
-    return export_gguf_files(cfg, open_store(cfg.execution), run_id, merged, data)
+def export_gguf_task(cfg: PipelineConfig, merged: MergedModel, data: ValidatedDataset) -> GgufExport:
+    return export_gguf_files(cfg, open_store(cfg.execution), merged, data)

@@ -57,7 +57,7 @@ def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_mo
     cfg.export.gguf = ["f16", "q8_0"]
     r.store.write_json("cache/data/tiny/report.json", {"n_rejected": 0})
     merged = merge_adapter(cfg, r.store, "run-g", r.base, r.adapter, data=r.data)
-    exported = export_gguf_files(cfg, r.store, "run-g", merged, r.data)
+    exported = export_gguf_files(cfg, r.store, merged, r.data)
 
     f16, q8 = exported.verification["f16"], exported.verification["q8_0"]
     assert f16["prompts"] == 2 and f16["greedy_identical"] == 2 and f16["max_abs_logit_diff"] < 1e-3
@@ -65,6 +65,10 @@ def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_mo
     assert f16["tokenizer_same_ids"] and f16["same_chat_template"]
     assert q8["bytes"] < f16["bytes"]
     print("GGUF verification (tiny):", json.dumps(exported.verification, sort_keys=True))
+    f16_file = Path(exported.uri) / "model-f16.gguf"
+    written = f16_file.stat().st_mtime_ns
+    assert export_gguf_files(cfg, r.store, merged, r.data) == exported  # same merge: reused, not rewritten
+    assert f16_file.stat().st_mtime_ns == written
 
     publish_run(cfg, r.store, "run-g", merged=merged, adapter=r.adapter, report=_report(r.store), data=r.data, base=r.base, gguf=exported)
     run_dir = r.store.path / "runs/run-g"
@@ -144,7 +148,7 @@ def test_demo_config_smollm2_exports_an_f16_gguf_with_the_same_greedy_answers(tm
     data = validate_dataset(cfg, store, load_tokenizer_for(cfg.base_model))
     base = prepare_base_model(cfg, store)
     stand_in = MergedModel(uri=base.full_precision_uri, fingerprint=base.fingerprint, dtype="bfloat16", verification={})
-    exported = export_gguf_files(cfg, store, "run-demo", stand_in, data)
+    exported = export_gguf_files(cfg, store, stand_in, data)
     f16 = exported.verification["f16"]
     print("SmolLM2 f16 GGUF:", json.dumps(f16, sort_keys=True))
     assert f16["greedy_identical"] == f16["prompts"] == 2 and f16["tokenizer_same_ids"] and f16["same_chat_template"]

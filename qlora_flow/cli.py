@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from qlora_flow.config import ConfigError, PipelineConfig, load_config
+from qlora_flow.console import disable_prefect_telemetry, quiet_library_noise, setup_console
 from qlora_flow.schedule_ops import add_schedule_parser
 
 EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 1, 2, 3
@@ -35,12 +36,12 @@ def _load(args) -> PipelineConfig:
 
 
 def cmd_run(args) -> int:
-    from flows.pipeline import qlora_pipeline
+    from flows.pipeline import REJECTED, qlora_pipeline
 
     cfg = _load(args)
     state = qlora_pipeline(cfg, return_state=True)
     result = state.result(raise_on_failure=False)
-    if state.is_failed() or state.is_crashed():
+    if (state.is_failed() and state.name != REJECTED) or state.is_crashed():
         print(f"error: run failed: {state.message or result}", file=sys.stderr)
         return EXIT_FAILED
     print(_summary(result))
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # before Prefect is imported (the commands import it): its settings and logging set-up read these once
+    disable_prefect_telemetry()
+    quiet_library_noise()
+    setup_console()
     # Prefect's client logs every API request at INFO; progress lines are what a person wants to see.
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

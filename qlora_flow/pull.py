@@ -52,7 +52,9 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
         pointer, _ = store.read_alias(alias_key)
         if pointer is None:
             raise PullError(f"{store.uri(alias_key)} does not exist: nothing is published as {name}:{alias}")
-        manifest_bytes = store.read_bytes(store.key_of(pointer["manifest_uri"]))
+        # aliases written before manifest_key hold only the absolute URI; key_of maps it into this store
+        manifest_key = pointer.get("manifest_key") or store.key_of(pointer["manifest_uri"])
+        manifest_bytes = store.read_bytes(manifest_key)
         if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
             raise PullError(f"{pointer['manifest_uri']} does not match the checksum recorded in {store.uri(alias_key)}")
         manifest = json.loads(manifest_bytes)
@@ -64,7 +66,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
         if dest.exists() and any(dest.iterdir()):
             raise PullError(f"{dest} already exists and holds something else; choose an empty destination")
 
-        run = store.key_of(pointer["manifest_uri"]).rsplit("/", 1)[0]
+        run = manifest_key.rsplit("/", 1)[0]
         model_files = [f for f in manifest["files"] if f["path"].startswith(part + "/")]
         if not model_files:
             raise PullError(f"manifest of run {manifest['run_id']} lists no {part} files ({PARTS[part]} was not published)")

@@ -50,11 +50,17 @@ _NON_RESULT_TRAINING_FIELDS = {
     "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
 }
 
+_LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
+
 
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
     """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
     training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
-    return combine("recipe", cfg.lora, training, cfg.quantization)
+    lora = cfg.lora.model_dump(mode="json")
+    for name, default in _LORA_VARIANT_DEFAULTS.items():
+        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
+            del lora[name]
+    return combine("recipe", lora, training, cfg.quantization)
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
@@ -253,6 +259,9 @@ def run_training(
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias=cfg.lora.bias,
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
         task_type="CAUSAL_LM",
     )
 

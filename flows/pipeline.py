@@ -17,10 +17,19 @@ from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.layout import CLAIM_NAME, MANIFEST_NAME, run_key
-from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import (
+    AdapterRef,
+    EvalReport,
+    GgufExport,
+    MergedModel,
+    PreparedBase,
+    PublishedModel,
+    ValidatedDataset,
+)
 from qlora_flow.run_config import resolve_and_record, resolve_run_config
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
+from tasks.export_gguf import export_gguf_task
 from tasks.merge import merge_task
 from tasks.prepare_base import prepare_base_model_task
 from tasks.publish import publish_task
@@ -40,6 +49,7 @@ class PipelineResult(BaseModel):
     adapter: AdapterRef
     report: EvalReport
     merged: MergedModel | None = None
+    gguf: GgufExport | None = None
     published: PublishedModel | None = None
 
 
@@ -123,12 +133,14 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Sta
         return Failed(name=REJECTED, message=result.message, data=result)
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
+    if config.export.gguf:
+        result.gguf = export_gguf_task(config, result.merged, data)
     if not config.publish.enabled:
         result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
         return result
     result.published = publish_task(
         config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
-        base=base,
+        base=base, gguf=result.gguf,
     )
     if result.published.same_as_run:
         # Every stage was a cache hit and the alias already serves this model: the run completes as Unchanged,

@@ -81,8 +81,9 @@ def cmd_pull(args) -> int:
 
     name, _, alias = args.model.partition(":")
     s3 = S3Settings(endpoint_url=args.endpoint_url, checksum_mode=args.checksum_mode)
-    dest = pull_model(args.store, name, alias or "production", Path(args.dest), s3=s3)
-    print(f"ok: {name}:{alias or 'production'} verified and saved to {dest}")
+    part = "adapter" if args.adapter else "gguf" if args.format == "gguf" else "model"
+    dest = pull_model(args.store, name, alias or "production", Path(args.dest), s3=s3, part=part)
+    print(f"ok: {name}:{alias or 'production'} ({part}) verified and saved to {dest}")
     return 0
 
 
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=os.environ.get("QLORA_FLOW_STORE", "artifacts"), help="store root or s3:// URI")
     p.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
     p.add_argument("--checksum-mode", default="when_supported", choices=["when_supported", "when_required"])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--adapter", action="store_true", help="fetch only the LoRA adapter (peft, vLLM, TGI)")
+    what.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                      help="merged model as safetensors (default) or the GGUF files")  # fmt: skip
     p.set_defaults(func=cmd_pull)
     add_schedule_parser(sub)
     return parser

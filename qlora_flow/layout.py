@@ -10,6 +10,7 @@ The same keys on every backend (qlora_flow.store for a local directory, qlora_fl
     cache/adapter/<fp>/adapter/          the trained adapter, its tokenizer and adapter_ref.json
     cache/eval/<fp>/entry.json           measured evaluation numbers (qlora_flow.stage_cache)
     cache/merged/<fp>/entry.json         where the verified merge of an adapter is stored (qlora_flow.stage_cache)
+    cache/gguf/<fp>/                     verified GGUF files of a merged model (tasks/export_gguf.py)
     runs/<run-id>/flow-run.json          the flow run that owns the run id
     runs/<run-id>/eval/                  report.json, report.md, samples.jsonl, loss_curve.png
     runs/<run-id>/model/                 the merged model, verification.json, README.md (model card)

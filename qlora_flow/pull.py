@@ -18,7 +18,8 @@ from qlora_flow.fingerprint import sha256_file
 from qlora_flow.layout import MANIFEST_NAME
 from qlora_flow.store import ArtifactStore, LocalStore
 
-_MODEL_PART = "model/"
+# what `pull` can fetch: a part of the run's manifest (its top-level directory)
+PARTS = {"model": "the merged model", "adapter": "the LoRA adapter", "gguf": "the GGUF files"}
 
 
 class PullError(RuntimeError):
@@ -41,8 +42,8 @@ def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactSto
     return LocalStore(store_uri)
 
 
-def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> Path:
-    """Download name:alias into dest (model files plus manifest.json); returns dest."""
+def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None, part: str = "model") -> Path:
+    """Download one part of name:alias (model, adapter or gguf files) plus manifest.json into dest; returns dest."""
     dest = Path(dest).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
@@ -67,12 +68,12 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
             raise PullError(f"{dest} already exists and holds something else; choose an empty destination")
 
         run = manifest_key.rsplit("/", 1)[0]
-        model_files = [f for f in manifest["files"] if f["path"].startswith(_MODEL_PART)]
+        model_files = [f for f in manifest["files"] if f["path"].startswith(part + "/")]
         if not model_files:
-            raise PullError(f"manifest of run {manifest['run_id']} lists no model files")
+            raise PullError(f"manifest of run {manifest['run_id']} lists no {part} files ({PARTS[part]} was not published)")
         out = staging / "model"
         for entry in model_files:
-            rel = entry["path"][len(_MODEL_PART):]
+            rel = entry["path"][len(part) + 1 :]
             if rel == MANIFEST_NAME:
                 raise PullError(f"the model itself holds a {MANIFEST_NAME}; refusing to overwrite it with the manifest")
             target = out / rel

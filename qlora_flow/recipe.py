@@ -269,6 +269,9 @@ def train_lora(
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias=cfg.lora.bias,
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
         task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(

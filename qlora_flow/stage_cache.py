@@ -37,10 +37,17 @@ _NON_RESULT_TRAINING_FIELDS = {
 }
 
 
+_LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
+
+
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
     """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
     training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
-    return combine("recipe", cfg.lora, training, cfg.quantization)
+    lora = cfg.lora.model_dump(mode="json")
+    for name, default in _LORA_VARIANT_DEFAULTS.items():
+        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
+            del lora[name]
+    return combine("recipe", lora, training, cfg.quantization)
 
 
 class Measurement(BaseModel):

@@ -42,6 +42,7 @@ from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
+from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
 from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device, train_lora
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import recipe_fingerprint
@@ -181,7 +182,7 @@ def run_training_in_child(
     with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         project_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = project_root + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.Popen(
@@ -254,6 +255,7 @@ def _child_main(spec_path: str, result_path: str) -> None:
     # force: importing Prefect already gave the root logger a WARNING-level handler, which swallowed the
     # INFO lines (the training plan, resume points) that the parent streams into the Prefect run's logs.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    exit_with_parent()  # a SIGKILLed flow process must not leave this training holding the GPU
     spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -13,9 +13,10 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from pydantic import BaseModel
 
-from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
+from qlora_flow.config import ConfigError, PipelineConfig
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
+from qlora_flow.preflight import preflight
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
@@ -80,7 +81,7 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
 def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
     logger = get_run_logger()
-    check_local_inputs(config)
+    preflight(config)  # a config that cannot work fails here in seconds, before any stage or retry
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)

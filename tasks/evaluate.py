@@ -30,6 +30,7 @@ from prefect.events import emit_event
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from qlora_flow.config import GateRules, PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
@@ -397,7 +398,7 @@ def announce(cfg: PipelineConfig, store: ArtifactStore, run_id: str, report: Eva
         )
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=10)
+@task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=is_retryable)
 def evaluate_task(
     cfg: PipelineConfig, run_id: str, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef
 ) -> EvalReport:

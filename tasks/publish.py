@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, library_versions
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
@@ -306,7 +307,7 @@ def _announce(cfg: PipelineConfig, run_id: str, published: PublishedModel, repor
     )
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+@task(name="publish", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def publish_task(
     cfg: PipelineConfig,
     store: ArtifactStore,

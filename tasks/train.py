@@ -35,6 +35,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
@@ -461,7 +462,7 @@ def training_lock(name: str) -> Iterator[None]:
         yield
 
 
-@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
+@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
     artifact_id = create_progress_artifact(progress=0.0, key="training-progress", description="LoRA training")

@@ -22,7 +22,7 @@ def published(s3env, chat_jsonl, tmp_path):
 
 
 def _pull(s3env, dest, alias="production"):
-    return pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, dest, s3=s3env.settings())
+    return pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, dest, s3=s3env.settings()).dest
 
 
 def test_round_trip_is_byte_identical(s3env, published, tmp_path):
@@ -34,8 +34,10 @@ def test_round_trip_is_byte_identical(s3env, published, tmp_path):
     assert files == published.model_files
     assert manifest["run_id"] == "run-1"
     assert [p.name for p in dest.parent.iterdir()] == ["extractor"]  # no staging leftovers
-    # pulling again into the same place is a no-op; the latest alias resolves to the same run
-    assert _pull(s3env, dest) == dest
+    # pulling again into the same place checks every file and changes nothing; latest resolves to the same run
+    again = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    assert (again.checked, again.downloaded, again.extra) == (4, [], [])
+    assert again.summary() == "4 files checked, all match the manifest"
     assert _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
 
 
@@ -71,3 +73,37 @@ def test_missing_alias_and_occupied_destination(s3env, published, tmp_path):
     with pytest.raises(PullError, match="already exists"):
         _pull(s3env, occupied)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+
+
+def test_pull_over_a_changed_destination_restores_it(s3env, published, tmp_path):
+    """The destination is never trusted: a changed, a missing and a truncated file are downloaded again."""
+    dest = _pull(s3env, tmp_path / "served")
+    (dest / "config.json").write_text('{"hidden_size": 4096}')
+    (dest / "tokenizer.json").unlink()
+    with open(dest / "model.safetensors", "r+b") as fh:
+        fh.truncate(1000)
+    (dest / "notes.txt").write_text("mine")
+
+    report = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+
+    assert report.checked == 4
+    assert sorted(report.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert report.extra == ["notes.txt"]
+    assert report.summary() == "4 files checked, 3 restored: config.json, model.safetensors, tokenizer.json"
+    files = {p.name: p.read_bytes() for p in dest.iterdir() if p.name not in ("manifest.json", "notes.txt")}
+    assert files == published.model_files
+    assert (dest / "notes.txt").read_text() == "mine"  # not ours: left alone, with a warning
+    assert not [p.name for p in dest.iterdir() if ".pull-" in p.name]  # no temporary files left
+
+
+def test_pull_restores_a_damaged_manifest_and_refuses_another_run(s3env, published, tmp_path):
+    dest = _pull(s3env, tmp_path / "served")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": []}))
+    report = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    assert report.downloaded == ["manifest.json"]
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "run_id": "run-0"}))
+    with pytest.raises(PullError, match="holds something else than run run-1"):
+        _pull(s3env, dest)

@@ -85,6 +85,9 @@ def one_line(exc: BaseException) -> str:
     code = s3_error_code(exc)
     if code in CREDENTIAL_S3_CODES:
         return f"S3 rejected the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile"
+    if "ephemeral Prefect API server" in str(exc):
+        return (f"{exc} Start a server (`prefect server start`) and set PREFECT_API_URL, or allow the temporary "
+                "one longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20)")
     lines = str(exc).strip().splitlines() or [""]
     head = f"{name}: {lines[0]}" if lines[0] else name
     return "\n".join([head, *(f"  {line.strip()}" for line in lines[1:] if line.strip())])

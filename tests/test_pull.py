@@ -107,3 +107,38 @@ def test_pull_restores_a_damaged_manifest_and_refuses_another_run(s3env, publish
     (dest / "manifest.json").write_text(json.dumps({**manifest, "run_id": "run-0"}))
     with pytest.raises(PullError, match="holds something else than run run-1"):
         _pull(s3env, dest)
+
+
+def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
+    """Through `qlora-flow pull` on a local store: a changed file in DEST is restored, and the output says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qlora_flow.store import LocalStore
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(None, {"data.train_path": str(chat_jsonl), "publish.model_name": "extractor"})
+    store = LocalStore(tmp_path / "store")
+    run = stage_run(store, "run-1")
+    publish_run(cfg, store, "run-1", **run.refs)
+
+    def pull() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "qlora_flow.cli", "pull", "extractor", "served", "--store", str(tmp_path / "store")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+
+    first = pull()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "ok: extractor:production -> served (4 files downloaded and verified)"
+    (tmp_path / "served/config.json").write_text('{"hidden_size": 1}')
+
+    second = pull()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "ok: extractor:production -> served (4 files checked, 1 restored: config.json)"
+    assert (tmp_path / "served/config.json").read_bytes() == run.model_files["config.json"]
+    assert "served/config.json differs from the manifest" in second.stderr  # logged as a WARNING
+
+    third = pull()
+    assert third.stdout.strip() == "ok: extractor:production -> served (4 files checked, all match the manifest)"

@@ -16,7 +16,8 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
-from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.config import PipelineConfig
+from qlora_flow.preflight import preflight
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.publish import MANIFEST_NAME, alias_key, run_key
 from tasks.train import recipe_fingerprint
@@ -87,7 +88,7 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
 def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
     """Retrain and publish when the data, base model or training settings differ from production's."""
     logger = get_run_logger()
-    check_local_inputs(config)
+    preflight(config)
     decision = decide(config, current_fingerprints(config))
     logger.info(decision.reason)
     if not decision.retrain:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from flows.pipeline import run_namer
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
+from qlora_flow.preflight import preflight
 from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
@@ -62,6 +63,7 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
 @flow(name="qlora-lora-sweep", flow_run_name=run_namer("sweep"), log_prints=True)
 def lora_sweep(config: PipelineConfig = PipelineConfig(), ranks: list[int] = [4, 8, 16]) -> list[SweepPoint]:  # noqa: B006
     """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss."""
+    preflight(config)
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)
     data, base = data_future.result(), base_future.result()

@@ -111,6 +111,7 @@ def test_pull_restores_a_damaged_manifest_and_refuses_another_run(s3env, publish
 
 def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
     """Through `qlora-flow pull` on a local store: a changed file in DEST is restored, and the output says so."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -127,6 +128,7 @@ def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
         return subprocess.run(
             [sys.executable, "-m", "qlora_flow.cli", "pull", "extractor", "served", "--store", str(tmp_path / "store")],
             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
         )
 
     first = pull()

@@ -163,6 +163,8 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
         run = store.key_of(pointer["manifest_uri"]).rsplit("/", 1)[0]
         label = f"{name}:{alias} (run {manifest['run_id']})"
         model_files = _model_files(manifest)
+        if dest.exists() and not dest.is_dir():
+            raise PullError(f"{dest} is a file; choose a directory to pull into")
         if dest.exists() and any(dest.iterdir()):
             if not _holds_run(dest, manifest["run_id"]):
                 raise PullError(

@@ -73,6 +73,8 @@ def test_missing_alias_and_occupied_destination(s3env, published, tmp_path):
     with pytest.raises(PullError, match="already exists"):
         _pull(s3env, occupied)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+    with pytest.raises(PullError, match="is a file; choose a directory"):
+        _pull(s3env, occupied / "notes.txt")
 
 
 def test_pull_over_a_changed_destination_restores_it(s3env, published, tmp_path):

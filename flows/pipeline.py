@@ -81,7 +81,7 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
 def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
     logger = get_run_logger()
-    preflight(config)  # a config that cannot work fails here in seconds, before any stage or retry
+    preflight(config, quick=False)  # a config that cannot work fails here, before any stage or task retry
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)

@@ -88,7 +88,7 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
 def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
     """Retrain and publish when the data, base model or training settings differ from production's."""
     logger = get_run_logger()
-    preflight(config)
+    preflight(config, quick=False)
     decision = decide(config, current_fingerprints(config))
     logger.info(decision.reason)
     if not decision.retrain:

@@ -63,7 +63,7 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
 @flow(name="qlora-lora-sweep", flow_run_name=run_namer("sweep"), log_prints=True)
 def lora_sweep(config: PipelineConfig = PipelineConfig(), ranks: list[int] = [4, 8, 16]) -> list[SweepPoint]:  # noqa: B006
     """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss."""
-    preflight(config)
+    preflight(config, quick=False)
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)
     data, base = data_future.result(), base_future.result()

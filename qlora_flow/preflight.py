@@ -23,12 +23,17 @@ WHERE_TO_POINT = (
 )
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Raise ConfigError (one line, naming the field) when the config cannot run here."""
+def preflight(cfg: PipelineConfig, quick: bool = True) -> None:
+    """Raise ConfigError (one line, naming the field) when the config cannot run here.
+
+    quick (the CLI): S3 gets one retry with a short connect timeout, so a wrong endpoint is reported
+    in seconds. Flows pass quick=False: an unattended run gives a briefly unavailable endpoint the
+    configured execution.s3 retries before it gives up.
+    """
     check_local_inputs(cfg)
     _check_local_store(cfg.execution.store)
     check_base_model(cfg.base_model)
-    check_s3_locations(cfg)
+    check_s3_locations(cfg, quick)
 
 
 def _check_local_store(store: str) -> None:
@@ -131,19 +136,20 @@ def _ask_hub(repo_id: str, revision: str | None) -> str | None:
 # ---------------------------------------------------------------- S3
 
 
-def quick_s3_client(settings: S3Settings, endpoint_field: str):
-    """A client like the stages', with a short connect timeout and one retry."""
+def quick_s3_client(settings: S3Settings, endpoint_field: str, quick: bool = True):
+    """A client like the stages'; quick: with a short connect timeout and one retry."""
     from botocore.exceptions import BotoCoreError
 
     from qlora_flow.s3store import make_client
 
-    quick = settings.model_copy(update={
-        "connect_timeout_s": min(settings.connect_timeout_s, S3_CONNECT_TIMEOUT_S),
-        "read_timeout_s": min(settings.read_timeout_s, 10.0),
-        "max_attempts": min(settings.max_attempts, S3_ATTEMPTS),
-    })
+    if quick:
+        settings = settings.model_copy(update={
+            "connect_timeout_s": min(settings.connect_timeout_s, S3_CONNECT_TIMEOUT_S),
+            "read_timeout_s": min(settings.read_timeout_s, 10.0),
+            "max_attempts": min(settings.max_attempts, S3_ATTEMPTS),
+        })
     try:
-        return make_client(quick)
+        return make_client(settings)
     except (BotoCoreError, ValueError) as exc:  # unknown profile, bad endpoint URL, missing credentials block
         field = endpoint_field if "endpoint" in str(exc).lower() else "execution.s3"
         raise ConfigError(f"{field}: {exc}") from None
@@ -151,7 +157,14 @@ def quick_s3_client(settings: S3Settings, endpoint_field: str):
 
 def check_s3_uri(client, field: str, uri: str, endpoint_field: str, must_exist: bool = False) -> None:
     """One LIST request: the endpoint answers, accepts the credentials, and the bucket exists."""
-    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     from qlora_flow.s3store import parse_s3_uri
 
@@ -165,6 +178,11 @@ def check_s3_uri(client, field: str, uri: str, endpoint_field: str, must_exist: 
     except (EndpointConnectionError, ConnectTimeoutError):
         raise ConfigError(
             f"{endpoint_field}: cannot connect to {endpoint} (needed for {field} {uri}); start the server or fix the URL"
+        ) from None
+    except (ConnectionClosedError, ReadTimeoutError) as exc:
+        raise ConfigError(
+            f"{endpoint_field}: {endpoint} accepts connections but does not answer S3 requests "
+            f"({type(exc).__name__}, needed for {field} {uri}); is it an S3 server?"
         ) from None
     except NoCredentialsError:
         raise ConfigError(
@@ -190,7 +208,7 @@ def check_s3_uri(client, field: str, uri: str, endpoint_field: str, must_exist: 
         raise ConfigError(f"{field}: nothing is stored at {uri}")
 
 
-def check_s3_locations(cfg: PipelineConfig) -> None:
+def check_s3_locations(cfg: PipelineConfig, quick: bool = True) -> None:
     locations = [
         ("execution.store", cfg.execution.store, False),
         ("data.train_path", cfg.data.train_path, True),
@@ -200,6 +218,6 @@ def check_s3_locations(cfg: PipelineConfig) -> None:
     remote = [(field, uri, must) for field, uri, must in locations if uri and uri.startswith("s3://")]
     if not remote:
         return
-    client = quick_s3_client(cfg.execution.s3, "execution.s3.endpoint_url")
+    client = quick_s3_client(cfg.execution.s3, "execution.s3.endpoint_url", quick)
     for field, uri, must_exist in remote:
         check_s3_uri(client, field, uri, "execution.s3.endpoint_url", must_exist)

@@ -10,6 +10,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from qlora_flow.config import ConfigError
 from qlora_flow.contracts import DataValidationError
 from qlora_flow.errors import is_permanent, is_retryable, one_line
+from s3server import moto_server, s3env  # noqa: F401  (fixtures)
 
 
 def _client_error(code: str) -> ClientError:
@@ -130,3 +131,20 @@ def test_a_failure_inside_the_flow_is_one_error_line(prefect_api, monkeypatch, t
     assert errors == ["error: PermissionError: [Errno 13] Permission denied: '/store/runs/x'"]
     assert "Traceback" not in out + err
     assert "Retrying" not in out + err  # the permanent error ran once
+
+
+def test_flows_give_s3_its_configured_retries_and_the_cli_one(s3env, tmp_path):
+    """The CLI reports a dead endpoint after one retry; an unattended flow run allows execution.s3.max_attempts."""
+    from qlora_flow.config import load_config
+    from qlora_flow.preflight import check_s3_locations
+
+    cfg = load_config(None, {
+        "execution.store": f"s3://{s3env.bucket}/store", "execution.s3": s3env.settings(max_attempts=4).model_dump(),
+    })  # fmt: skip
+    check_s3_locations(cfg)  # the endpoint answers: nothing to report
+    s3env.proxy.dark = True  # every connection is closed unanswered
+    for quick, attempts in ((True, 2), (False, 4)):
+        s3env.proxy.log.clear()
+        with pytest.raises(ConfigError, match=r"execution\.s3\.endpoint_url: .* does not answer S3 requests"):
+            check_s3_locations(cfg, quick=quick)
+        assert len(s3env.proxy.log) == attempts

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qlora_flow.config import BaseModelConfig, ConfigError, PipelineConfig, S3Settings, check_local_inputs
 from qlora_flow.errors import CREDENTIAL_S3_CODES, s3_error_code
+from qlora_flow.sources import resolve_source
 
 HUB_DEADLINE_S = 8.0  # one hub lookup, DNS included; the whole check stays under 10 s
 S3_CONNECT_TIMEOUT_S = 3.0
@@ -54,8 +55,6 @@ def _check_local_store(store: str) -> None:
 
 
 def check_base_model(base: BaseModelConfig) -> None:
-    from qlora_flow.sources import resolve_source
-
     try:
         source = resolve_source(base)
     except FileNotFoundError as exc:

@@ -218,3 +218,52 @@ def test_offline_hub_id_in_the_local_cache_passes_preflight(tmp_path, monkeypatc
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     check_base_model(load_config(None, {"base_model.id": "acme/tiny"}).base_model)  # no error
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A loopback stand-in for huggingface.co: /api/models/acme/tiny exists, everything else is 404,
+    /api/models/slow/model never answers in time."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/api/models/slow/"):
+                time.sleep(3)
+            known = self.path.startswith("/api/models/acme/tiny")
+            body = json.dumps({"id": "acme/tiny"} if known else {"error": "Repository not found"}).encode()
+            self.send_response(200 if known else 404)
+            if not known:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    yield
+    server.shutdown()
+
+
+def test_online_hub_check_asks_the_hub_once(fake_hub, tmp_path, monkeypatch):
+    from qlora_flow.config import ConfigError, load_config
+    from qlora_flow.preflight import check_base_model
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    check_base_model(load_config(None, {"base_model.id": "acme/tiny"}).base_model)  # the hub knows it
+    with pytest.raises(ConfigError, match=r"base_model\.id: 'nobody/nothing' does not exist on the Hugging Face hub"):
+        check_base_model(load_config(None, {"base_model.id": "nobody/nothing"}).base_model)
+
+    monkeypatch.setattr("qlora_flow.preflight.HUB_DEADLINE_S", 1.0)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"base_model\.id: 'slow/model' is not a local path, not in the Hugging Face cache, and the hub"):
+        check_base_model(load_config(None, {"base_model.id": "slow/model"}).base_model)
+    assert time.monotonic() - started < 2.5

@@ -212,7 +212,8 @@ def check_s3_locations(cfg: PipelineConfig, quick: bool = True) -> None:
         ("execution.store", cfg.execution.store, False),
         ("data.train_path", cfg.data.train_path, True),
         ("data.eval_path", cfg.data.eval_path, True),
-        ("base_model.id", cfg.base_model.id, True),
+        # a model directory: its config.json must be there (prepare_base_model needs it)
+        ("base_model.id", cfg.base_model.id.rstrip("/") + "/config.json", True),
     ]
     remote = [(field, uri, must) for field, uri, must in locations if uri and uri.startswith("s3://")]
     if not remote:

@@ -65,6 +65,8 @@ def main() -> None:
         warmup = {**overrides, "training.max_steps": 2}
         timed_sweep(args.config, warmup, [2], Path(tmp) / "warmup")  # imports, kernels, page cache
         one_s, one = timed_sweep(args.config, overrides, [8], Path(tmp) / "one")
+        # A partial result, in case the two-GPU half is cut off by the measurement window.
+        print(json.dumps({"gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1), "one": one}), flush=True)
         two_s, two = timed_sweep(args.config, overrides, [8, 16], Path(tmp) / "two")
     print(json.dumps({
         "gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1),

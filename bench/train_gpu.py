@@ -3,6 +3,7 @@
     python bench/train_gpu.py --shape llama3-8b --workloads W1,W2 --profiles baseline,ours,budget40,lowmem
     python bench/train_gpu.py --workloads W2 --profiles ours,ours+ddp          # 1 GPU vs all visible GPUs
     python bench/train_gpu.py --workloads W1 --profiles ours,ours+liger,ours+compile,ours+prof
+    python bench/train_gpu.py --workloads W1 --profiles seed,ours,unsloth,budget16,unsloth16 --time-limit-s 480
 
 Every (workload, profile) pair runs in a fresh child process (clean peak-memory counters, enforced
 memory budgets) on the same random-weight model, and prints one JSON line. Weight values do not
@@ -12,7 +13,21 @@ Baseline = the original example's settings with its bugs fixed: NF4 + double qua
 gradient checkpointing, batch 4 x grad-accum 4, LoRA r=16 on all seven projections, padding to the
 longest sequence in the batch, no packing. "ours" = what `qlora_flow.training_plan.plan_training`
 picks for this GPU (the same function the training stage calls), with the stage's defaults: packing,
-per-layer torch.compile, checkpointing and micro-batch chosen from the memory budget.
+per-layer torch.compile, checkpointing and micro-batch chosen from the memory budget; `budget<N>`
+is "ours" planned for and capped at N GiB (`lowmem` = 7 GiB).
+
+Seed = the original example's recipe as written (see shared/seed-notes.md) where it still trains: the
+baseline plus `prepare_model_for_kbit_training`, which upcasts the embeddings, norms and LM head to
+float32 and turns on its own checkpointing, then `get_peft_model` (with the LoRA config).
+
+Unsloth (`unsloth`, `unsloth<N>` for an N GiB cap) = FastLanguageModel on the same NF4 checkpoint with
+the settings its notebooks document as best: `use_gradient_checkpointing="unsloth"`, LoRA dropout 0,
+bias none, packing, 8-bit AdamW. It has no planner, so its micro-batch starts at the largest that
+divides the global batch (at most 16 rows of 1,024 tokens, or the packed-row count) and the parent halves it
+after an out-of-memory failure: the row reports the largest micro-batch that ran. Its packages
+(`bash bench/fetch_wheels.sh unsloth`) are installed in their own directory, named by $UNSLOTH_SITE and
+put first on the path of Unsloth's child processes only, because they pin older trl/datasets and
+Unsloth patches transformers/TRL when imported.
 
 A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE kernels through TRL),
 `compile` / `nocompile` (force torch.compile of each decoder layer on / off), `nodrop` (LoRA dropout 0: shows dropout's share of the
@@ -45,6 +60,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.render_table import family_of, with_ratios
 
 PEAK_BF16_FLOPS = 989e12
 SHAPES = {
@@ -123,6 +140,14 @@ def lengths_for(workload: str, n: int, seed: int = 0) -> list[int]:
     return [max(16, min(2048, int(math.exp(rng.gauss(math.log(250), 0.9))))) for _ in range(n)]
 
 
+def budget_of(profile: str) -> float | None:
+    """The GiB cap a profile name asks for (None: the whole GPU)."""
+    if profile == "lowmem":
+        return 7.0
+    digits = re.fullmatch(r"(?:budget|unsloth)(\d+)", profile)
+    return float(digits.group(1)) if digits else None
+
+
 def profile_settings(profile: str, shape: str, free_gib: float, workload: str, world: int = 1) -> dict:
     from qlora_flow.training_plan import ModelShape, plan_training
 
@@ -131,13 +156,23 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     inter, kv = cfg["intermediate_size"], cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
     model_shape = ModelShape(params, h, layers, vocab, cfg.get("tie_word_embeddings", False))
-    if profile == "baseline":
+    if profile in ("baseline", "seed"):
         return dict(packing=False, gradient_checkpointing=True, compile=False, offload=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
-                    plan="baseline recipe", params=params, max_length=None)  # fmt: skip
-    budget = {"ours": free_gib, "budget40": 40.0, "lowmem": 7.0}[profile]
+                    plan=f"{profile} recipe", params=params, max_length=None)  # fmt: skip
+    if profile not in ("ours", "unsloth") and budget_of(profile) is None:
+        raise SystemExit(f"unknown profile {profile!r}: baseline, seed, ours, budget<N>, lowmem, unsloth, unsloth<N>")
+    budget = budget_of(profile) or free_gib
     # Packed rows as long as the baseline's longest sequence: 1,024 tokens per row on W1 keeps the tokens
     # per optimizer step equal to the baseline's (16 x 1,024).
     max_length = 1024 if workload == "W1" or profile == "lowmem" else 2048
+    if family_of(profile) == "unsloth":
+        # Packed rows of W2 hold ~8 examples: 16 x 1,024 tokens or 8 x 2,048 per micro-batch to start with.
+        rows = 16 // world
+        micro = min(rows, 16 if max_length == 1024 else 8)
+        return dict(packing=True, gradient_checkpointing=True, compile=False, offload=False, batch=micro,
+                    accum=rows // micro, attn="unsloth",
+                    budget_gib=budget_of(profile), plan="unsloth documented defaults", params=params,
+                    max_length=max_length)  # fmt: skip
     plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
                          batch_size=4, grad_accum=4, memory_budget_gib=budget, world_size=world)  # fmt: skip
     return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile_layers,
@@ -156,6 +191,9 @@ def split_profile(profile: str) -> tuple[str, set[str]]:
 
 
 def run_one(args) -> dict:
+    family = family_of(args.profile)
+    if family == "unsloth":  # it patches transformers, peft and TRL when imported, so before them
+        import unsloth  # noqa: F401
     import datasets
     import torch
     from peft import LoraConfig
@@ -182,9 +220,25 @@ def run_one(args) -> dict:
         settings["offload"] = True
     if "nopack" in modifiers:  # the baseline's batching (pad to longest) and attention (SDPA) in this profile
         settings.update(packing=False, attn="sdpa")
+    if int(os.environ.get("RANK", "0")) == 0:  # the parent reads the micro-batch when this child runs out of memory
+        print("SETTINGS " + json.dumps({"micro_batch": settings["batch"]}), flush=True)
     nf4 = Path(args.root) / args.shape / "nf4"
-    model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
-                                                 attn_implementation=settings["attn"])  # fmt: skip
+    # Data is pre-tokenized; the tokenizer only supplies the pad token.
+    tokenizer_dir = Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer"
+    dropout = 0.0 if "nodrop" in modifiers or family == "unsloth" else 0.05
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
+    if family == "unsloth":
+        model, tokenizer = _unsloth_model(nf4, tokenizer_dir, settings["max_length"], dropout)
+        lora = None
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
+                                                     attn_implementation=settings["attn"])  # fmt: skip
+    if family == "seed":  # the example's lines: upcast to float32 and its checkpointing, then the adapter
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        model = get_peft_model(prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), lora)
+        lora = None
     if "cpuembed" in modifiers or settings["offload"]:
         input_embedding_on_cpu(model, pinned="pageable" not in modifiers)
     activation_offloading = settings["offload"] or "actoffload" in modifiers
@@ -215,19 +269,16 @@ def run_one(args) -> dict:
     sft = SFTConfig(
         output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, per_device_train_batch_size=settings["batch"],
         gradient_accumulation_steps=settings["accum"], learning_rate=2e-4, bf16=True,
-        gradient_checkpointing=settings["gradient_checkpointing"],
+        # Unsloth's own checkpointing was set up by get_peft_model; TRL's would wrap the layers a second time.
+        gradient_checkpointing=settings["gradient_checkpointing"] and family != "unsloth",
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
         max_length=settings["max_length"] if settings["packing"] else (2048 if args.workload == "W2" else 1024),
         packing=settings["packing"],
         include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
         disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
         use_liger_kernel="liger" in modifiers, activation_offloading=activation_offloading, ddp_find_unused_parameters=False if world > 1 else None,
-        **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {}),
+        **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {"optim": "adamw_8bit"} if family == "unsloth" else {}),
     )  # fmt: skip
-    dropout = 0.0 if "nodrop" in modifiers else 0.05
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
-    # Data is pre-tokenized; the tokenizer only supplies the pad token.
-    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer")
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[Timer()])  # fmt: skip
     if activation_offloading and "smalloffload" not in modifiers:
@@ -243,6 +294,8 @@ def run_one(args) -> dict:
         _write_profile(profiler, args, step_times)
 
     measured_t, measured_tok = step_times[args.warmup :], step_tokens[args.warmup :]
+    if not all(measured_tok):
+        raise RuntimeError(f"the trainer counted no input tokens in some measured steps: {measured_tok}")
     tokens_per_s = sum(measured_tok) / sum(measured_t)
     cfg = SHAPES[args.shape]
     mean_len = statistics.mean(lengths)
@@ -258,10 +311,27 @@ def run_one(args) -> dict:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu": round(tokens_per_s * flops_per_token / PEAK_BF16_FLOPS / world, 4),
-        "step_s_mean": round(statistics.mean(measured_t), 3),
+        "step_s_mean": round(statistics.mean(measured_t), 3), "step_s_min": round(min(measured_t), 3),
+        "step_s_median": round(statistics.median(measured_t), 3), "step_s_max": round(max(measured_t), 3),
         "step_s_cv": round(statistics.pstdev(measured_t) / statistics.mean(measured_t), 3),
         "steps_measured": len(measured_t), "real_tokens_per_step": round(statistics.mean(measured_tok)), "mean_example_tokens": round(mean_len, 1),
     }  # fmt: skip
+
+
+def _unsloth_model(nf4: Path, tokenizer_dir: Path, max_length: int, dropout: float):
+    """FastLanguageModel on the NF4 checkpoint with Unsloth's documented best training settings."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(nf4), tokenizer_name=str(tokenizer_dir), max_seq_length=max_length, dtype=torch.bfloat16,
+        load_in_4bit=True, fix_tokenizer=False, use_exact_model_name=True,
+    )  # fmt: skip
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=dropout, bias="none", target_modules=TARGETS,
+        use_gradient_checkpointing="unsloth", random_state=3407,
+    )  # fmt: skip
+    return model, tokenizer
 
 
 def _profiler(warmup: int):
@@ -290,7 +360,35 @@ def _child_command(args, workload: str, profile: str) -> list[str]:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torch.cuda.device_count()}"]
         return [sys.executable, *launcher, *script]
     # One process seeing several GPUs would make the Trainer use nn.DataParallel: pin it to the first.
-    return ["env", f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}", sys.executable, *script]
+    env = [f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}"]
+    if family_of(profile) == "unsloth" and os.environ.get("UNSLOTH_SITE"):
+        env.append(f"PYTHONPATH={os.pathsep.join(filter(None, [os.environ['UNSLOTH_SITE'], os.environ.get('PYTHONPATH')]))}")
+    return ["env", *env, sys.executable, *script]
+
+
+def measure(args, workload: str, profile: str, deadline: float) -> dict:
+    """One row in a child process, killed at the deadline. An Unsloth row that runs out of memory is run
+    again with half the micro-batch (its best setting is the largest that fits; it has no planner)."""
+    tried, requested = [], profile
+    while True:
+        command = _child_command(args, workload, profile)
+        try:
+            left = None if deadline == float("inf") else max(deadline - time.monotonic(), 1)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=left, check=False)
+        except subprocess.TimeoutExpired:
+            return {"shape": args.shape, "workload": workload, "profile": profile, "error": "time limit: row killed"}
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is not None:
+            result = {**json.loads(line[len("RESULT ") :]), "profile": requested}
+            return {**result, **({"out_of_memory_micro_batches": tried} if tried else {})}
+        error = (proc.stderr or proc.stdout)[-1500:]
+        micro = re.search(r'^SETTINGS \{"micro_batch": (\d+)\}', proc.stdout, re.MULTILINE)
+        if family_of(profile) != "unsloth" or "out of memory" not in error.lower() or not micro or micro[1] == "1":
+            return {"shape": args.shape, "workload": workload, "profile": requested, "error": error}
+        tried.append(int(micro[1]))
+        name, modifiers = split_profile(profile)
+        modifiers = {m for m in modifiers if not m.startswith("micro")} | {f"micro{int(micro[1]) // 2}"}
+        profile = "+".join([name, *sorted(modifiers)])
 
 
 def main() -> None:
@@ -298,11 +396,13 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--workloads", default="W1,W2")
     parser.add_argument("--profiles", default="baseline,ours")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--root", default="/tmp/bench-models")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "PROFILE"))
     parser.add_argument("--build-only", action="store_true", help="build the model dirs, time NF4 loading, stop")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop here: a row still running is killed and reported as an error, later rows skipped")  # fmt: skip
     args = parser.parse_args()
     if args.child:
         args.workload, args.profile = args.child
@@ -310,32 +410,28 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return
-    timings = build_model_dirs(args.shape, Path(args.root))
-    print(json.dumps({"shape": args.shape, **timings}), flush=True)
+    deadline = time.monotonic() + (args.time_limit_s or float("inf"))
     if args.build_only:
+        timings = build_model_dirs(args.shape, Path(args.root))
+        print(json.dumps({"shape": args.shape, **timings}), flush=True)
         return
+    # In a child: the NF4 load it times would otherwise keep ~6 GiB of this GPU (CUDA context and cached
+    # blocks) for the whole run, and the whole-GPU rows plan for what is free.
+    build = [sys.executable, __file__, "--shape", args.shape, "--root", args.root, "--build-only"]
+    print(subprocess.run(build, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
     results = []
     for workload in args.workloads.split(","):
         for profile in args.profiles.split(","):
-            proc = subprocess.run(_child_command(args, workload, profile), capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                result = {"shape": args.shape, "workload": workload, "profile": profile,
-                          "error": (proc.stderr or proc.stdout)[-1500:]}  # fmt: skip
+            if time.monotonic() >= deadline:
+                result = {"shape": args.shape, "workload": workload, "profile": profile, "error": "time limit: not run"}
             else:
-                result = json.loads(line[len("RESULT ") :])
+                result = measure(args, workload, profile, deadline)
             results.append(result)
             print(json.dumps(result), flush=True)
     ok = [r for r in results if "error" not in r]
-    for workload in args.workloads.split(","):
-        for reference in ("baseline", "ours"):
-            ref = next((r for r in ok if r["workload"] == workload and r["profile"] == reference), None)
-            for r in ok:
-                if ref and r["workload"] == workload and r is not ref:
-                    speedup = r["real_tokens_per_s"] / ref["real_tokens_per_s"]
-                    print(json.dumps({"shape": args.shape, "workload": workload, "profile": r["profile"],
-                                      f"speedup_vs_{reference}": round(speedup, 2),
-                                      "peak_reserved_gib": r["peak_reserved_gib"]}))  # fmt: skip
+    for r in with_ratios(ok):
+        ratios = {k: round(v, 2) for k, v in r.items() if k.startswith("vs_")}
+        print(json.dumps({"ratios": r["profile"], "workload": r["workload"], **ratios, "peak_reserved_gib": r["peak_reserved_gib"]}))
 
 
 if __name__ == "__main__":

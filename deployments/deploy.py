@@ -4,7 +4,8 @@
 
 Deployments (parameters default to the config file; the UI shows them as a typed form built from
 PipelineConfig's schema):
-  qlora-finetune/manual        click "Run" (or trigger through the API) with any config override
+  qlora-finetune/manual        click "Run" (or trigger through the API or `prefect deployment run`);
+                               a `config` fragment or dotted `overrides` apply on top of this config
   qlora-retrain/scheduled      cron + timezone from the config's `schedule` section; a no-op
                                when data and base are what production was trained on
   qlora-lora-sweep/manual      LoRA ranks side by side on this host's GPUs (or Ray)
@@ -31,7 +32,7 @@ import yaml
 from prefect import Flow
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment, deploy
 from prefect.events.actions import PauseDeployment
@@ -41,9 +42,11 @@ from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
 from qlora_flow.config import PipelineConfig, load_config
+from qlora_flow.model_events import ALIAS_LABEL, model_resource
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_TEMPLATE = ROOT / "infra" / "k8s" / "base-job-template.json"
+IMAGE_WORKDIR = Path("/opt/qlora-flow")  # infra/Dockerfile.gpu's WORKDIR: where flow runs in the image start
 PROCESS_POOL = "qlora-local"
 K8S_POOL = "qlora-k8s"
 ENTRYPOINTS = {
@@ -115,8 +118,23 @@ def keep_paused_state(deployments: list[RunnerDeployment]) -> list[RunnerDeploym
     return deployments
 
 
-def ensure_pause_on_rejection(model: str, scheduled_ids: list[UUID]) -> Automation:
-    """When a candidate fails the quality gate, pause scheduled retraining (on every pool) until someone looks."""
+def show_config_as_form_defaults(deployment_ids: list[UUID], cfg: PipelineConfig) -> None:
+    """The Run form's defaults come from the parameter schema, which Prefect builds from the flow's
+    signature (PipelineConfig()'s defaults): make them the config this deployment runs with."""
+    with get_client(sync_client=True) as client:
+        for deployment_id in deployment_ids:
+            schema = client.read_deployment(deployment_id).parameter_openapi_schema
+            schema["properties"]["config"]["default"] = cfg.model_dump(mode="json")
+            client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=schema))
+
+
+def ensure_pause_on_rejection(cfg: PipelineConfig, scheduled_ids: list[UUID], workdirs: list[Path]) -> Automation:
+    """When a candidate that would have moved the scheduled deployment's alias fails the quality gate,
+    pause scheduled retraining (on every pool) until someone looks. Rejected experiments that publish
+    elsewhere (another alias or store, or publishing off) leave the schedule alone. `workdirs`: where
+    the deployments' flow runs resolve a relative local store."""
+    model = cfg.publish.model_name
+    resources = {model_resource(cfg, workdir)["prefect.resource.id"] for workdir in workdirs}
     name = f"pause retraining of {model} on model.rejected"
     try:
         Automation.read(name=name).delete()
@@ -127,7 +145,7 @@ def ensure_pause_on_rejection(model: str, scheduled_ids: list[UUID]) -> Automati
         description="A rejected model stops the schedule; resume the deployment after fixing data or config.",
         trigger=EventTrigger(
             expect={"model.rejected"},
-            match={"prefect.resource.id": f"qlora-flow.model.{model}"},
+            match={"prefect.resource.id": sorted(resources), ALIAS_LABEL: cfg.publish.alias},
             posture=Posture.Reactive,
             threshold=1,
         ),
@@ -153,8 +171,9 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
         k8s_ids = deploy(*keep_paused_state(k8s), work_pool_name=K8S_POOL, image=k8s_image, build=False, push=False,
                          print_next_steps_message=False)  # fmt: skip
         ids |= {f"{n}-k8s": i for n, i in zip(names, k8s_ids)}
+    show_config_as_form_defaults(list(ids.values()), cfg)
     scheduled = [i for n, i in ids.items() if n.startswith(SCHEDULED)]
-    ensure_pause_on_rejection(cfg.publish.model_name, scheduled)
+    ensure_pause_on_rejection(cfg, scheduled, [ROOT, IMAGE_WORKDIR] if k8s_image else [ROOT])
     return ids
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -18,6 +18,7 @@ from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.preflight import preflight
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.run_config import resolve_and_record, resolve_run_config
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
 from tasks.merge import merge_task
@@ -43,14 +44,17 @@ class PipelineResult(BaseModel):
 
 
 def run_namer(kind: str = "") -> Callable[[], str]:
-    """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's `config`."""
+    """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's resolved config."""
 
     def name() -> str:
-        config = flow_run.parameters.get("config")
-        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-        data_name = Path(cfg.data.train_path).stem
+        params = flow_run.parameters
+        try:
+            cfg = resolve_run_config(params.get("config"), params.get("overrides")).config
+            model, data_name = cfg.publish.model_name, Path(cfg.data.train_path).stem
+        except ConfigError:  # the flow body fails with the reason
+            model, data_name = "invalid config", "-"
         prefix = f"{kind} " if kind else ""
-        return f"{prefix}{cfg.publish.model_name} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+        return f"{prefix}{model} | {data_name} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
 
     return name
 
@@ -77,10 +81,18 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
     store.write_json(claim, {"flow_run_id": mine})
 
 
-@flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True)
-def qlora_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
-    """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish."""
+# Parameters are validated by resolve_run_config, not by Prefect: a `config` fragment must be merged
+# onto the deployment's config before validation, or PipelineConfig's defaults would fill the rest.
+@flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True, validate_parameters=False)
+def qlora_pipeline(
+    config: PipelineConfig = PipelineConfig(), overrides: dict[str, Any] = {}  # noqa: B006 - never mutated
+) -> PipelineResult:
+    """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish.
+
+    `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
+    sets dotted keys on top, e.g. {"training.max_steps": 10}."""
     logger = get_run_logger()
+    config = resolve_and_record(config, overrides)
     preflight(config, quick=False)  # a config that cannot work fails here, before any stage or task retry
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id

@@ -11,6 +11,8 @@ validated data and prepared base cached for the training that follows.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
 from pydantic import BaseModel
@@ -18,6 +20,7 @@ from pydantic import BaseModel
 from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig
 from qlora_flow.preflight import preflight
+from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.publish import MANIFEST_NAME, alias_key, run_key
 from tasks.train import recipe_fingerprint
@@ -84,10 +87,17 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
     )
 
 
-@flow(name="qlora-retrain", flow_run_name=run_namer("retrain"), log_prints=True)
-def scheduled_retrain(config: PipelineConfig = PipelineConfig()) -> PipelineResult | State:
-    """Retrain and publish when the data, base model or training settings differ from production's."""
+# validate_parameters=False: resolve_run_config merges a `config` fragment onto the deployment's config first.
+@flow(name="qlora-retrain", flow_run_name=run_namer("retrain"), log_prints=True, validate_parameters=False)
+def scheduled_retrain(
+    config: PipelineConfig = PipelineConfig(), overrides: dict[str, Any] = {}  # noqa: B006 - never mutated
+) -> PipelineResult | State:
+    """Retrain and publish when the data, base model or training settings differ from production's.
+
+    `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
+    sets dotted keys on top, e.g. {"training.max_steps": 10}."""
     logger = get_run_logger()
+    config = resolve_and_record(config, overrides)
     preflight(config, quick=False)
     decision = decide(config, current_fingerprints(config))
     logger.info(decision.reason)

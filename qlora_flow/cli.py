@@ -18,6 +18,7 @@ import yaml
 
 from qlora_flow.config import STORE_NAME_PATTERN, ConfigError, PipelineConfig, load_config, store_name_problem
 from qlora_flow.errors import one_line
+from qlora_flow.schedule_ops import add_schedule_parser
 
 EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 1, 2, 3
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
     p.add_argument("--checksum-mode", default="when_supported", choices=["when_supported", "when_required"])
     p.set_defaults(func=cmd_pull)
+    add_schedule_parser(sub)
     return parser
 
 

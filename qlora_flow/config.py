@@ -326,17 +326,28 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
                 f"config file {source!r} must hold a mapping of sections (data:, base_model:, ...), "
                 f"not a {type(raw).__name__}"
             )
-    for dotted, value in (overrides or {}).items():
+    cfg = validate_config(apply_overrides(raw, overrides or {}), source)
+    check_local_inputs(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set dotted keys (`training.max_steps`) in a raw config mapping, in place; returns it."""
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{dotted}: {where} is a value, not a section; set {where} itself")
         node[leaf] = value
+    return raw
+
+
+def validate_config(raw: dict, source: str) -> PipelineConfig:
+    """A PipelineConfig from a raw mapping, or a ConfigError naming every wrong field on one line."""
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
-    check_local_inputs(cfg)
-    return cfg

@@ -32,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
+from qlora_flow.model_events import model_resource
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
@@ -384,10 +385,7 @@ def announce(cfg: PipelineConfig, store: ArtifactStore, run_id: str, report: Eva
     if not report.verdict.passed:
         emit_event(
             event="model.rejected",
-            resource={
-                "prefect.resource.id": f"qlora-flow.model.{cfg.publish.model_name}",
-                "prefect.resource.name": cfg.publish.model_name,
-            },
+            resource=model_resource(cfg),
             payload={
                 "run_id": run_id,
                 "reasons": report.verdict.reasons,

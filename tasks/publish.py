@@ -28,6 +28,7 @@ from prefect.transactions import transaction
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, library_versions
+from qlora_flow.model_events import model_resource
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
@@ -292,7 +293,7 @@ def _announce(cfg: PipelineConfig, run_id: str, published: PublishedModel, repor
     )
     emit_event(
         event="model.published",
-        resource={"prefect.resource.id": f"qlora-flow.model.{name}", "prefect.resource.name": name},
+        resource=model_resource(cfg),
         related=[{"prefect.resource.id": f"qlora-flow.run.{run_id}", "prefect.resource.role": "run"}],
         payload={
             "model": name,

@@ -69,7 +69,7 @@ CASES = [
     Case("store-is-a-file", ["execution.store", "is a file"], patch={"execution.store": "__train__"}),
     Case("set-without-equals", ["--set", "expected KEY=VALUE"], args=["--set", "lora.r"]),
     Case("set-bad-yaml", ["--set", "not valid YAML"], args=["--set", "lora.target_modules=[q_proj"]),
-    Case("set-below-a-value", ["--set lora.r.x", "lora.r is a value"], args=["--set", "lora.r=4", "--set", "lora.r.x=1"]),
+    Case("set-below-a-value", ["lora.r.x", "lora.r is a value"], args=["--set", "lora.r=4", "--set", "lora.r.x=1"]),
     Case("s3-endpoint-unreachable", ["execution.s3.endpoint_url", "http://127.0.0.1:1", "cannot connect"],
          patch={"execution.store": "s3://b/p", "execution.s3.endpoint_url": "http://127.0.0.1:1"},
          env={"AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE00000", "AWS_SECRET_ACCESS_KEY": "x"}),

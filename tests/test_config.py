@@ -76,7 +76,7 @@ def test_every_problem_of_a_config_is_on_one_line(tmp_path, monkeypatch):
 
 def test_override_below_a_value_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(ConfigError, match=r"--set lora.r.x: lora.r is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"lora.r.x: lora.r is a value, not a section"):
         load_config(ROOT / "configs" / "demo.yaml", {"lora.r.x": 4})
 
 

@@ -9,8 +9,9 @@ from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
 
-from deployments.deploy import K8S_POOL, K8S_TEMPLATE, MANUAL, ROOT, SCHEDULED, register
+from deployments.deploy import IMAGE_WORKDIR, K8S_POOL, K8S_TEMPLATE, MANUAL, ROOT, SCHEDULED, register
 from qlora_flow.config import load_config
+from qlora_flow.model_events import model_resource
 
 K8S_IMAGE = "registry.example.com/qlora-flow-gpu:test"
 
@@ -37,3 +38,7 @@ def test_register_again_keeps_pause_one_active_schedule_and_updates_pool(prefect
         assert client.read_work_pool(K8S_POOL).base_job_template == json.loads(K8S_TEMPLATE.read_text())
     automation = Automation.read(name=f"pause retraining of {cfg.publish.model_name} on model.rejected")
     assert sorted(str(a.deployment_id) for a in automation.actions) == sorted(map(str, scheduled))
+    # only rejections of this model in this store (as the local and the k8s runs see it) that would move its alias
+    stores = {model_resource(cfg, workdir)["prefect.resource.id"] for workdir in (ROOT, IMAGE_WORKDIR)}
+    assert set(automation.trigger.match["prefect.resource.id"]) == stores
+    assert automation.trigger.match["qlora-flow.alias"] == ["production"]

@@ -25,7 +25,8 @@ from prefect.states import Cancelled, Pending
 
 from deployments.deploy import K8S_POOL, MANUAL, PROCESS_POOL, ROOT, SCHEDULED, SWEEP, register
 from deployments.local import api_of, free_port, prefect_server, process_worker
-from qlora_flow.config import load_config
+from qlora_flow.config import PipelineConfig, load_config
+from qlora_flow.model_events import model_resource
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -166,7 +167,9 @@ def test_manual_run_with_override_publishes_through_the_worker(stack: Stack, man
     progress = next(a for a in artifacts if a.key == "training-progress")
     assert progress.data == 100.0
     (published,) = _published_events(manual_run)
-    assert published.resource["prefect.resource.id"] == f"qlora-flow.model.{MODEL}"
+    # the resource names the store as well as the model, and the alias the run moves
+    assert published.resource.id == model_resource(PipelineConfig.model_validate(stack.tiny))["prefect.resource.id"]
+    assert published.resource["qlora-flow.alias"] == "production"
     assert "loss" in published.payload["metrics"] and published.payload["alias_moved"] is True
     assert f"prefect.flow-run.{manual_run.id}" in {r.id for r in published.related}
     alias = json.loads((stack.home / "store" / "models" / MODEL / "production.json").read_text())
@@ -211,7 +214,9 @@ def test_rejection_event_pauses_the_schedule(stack: Stack, manual_run: FlowRun):
     """The registered automation: a `model.rejected` event for this model pauses scheduled retraining."""
     from prefect.events import emit_event
 
-    emit_event(event="model.rejected", resource={"prefect.resource.id": f"qlora-flow.model.{MODEL}"},
+    # what a rejected run of the deployments' (demo) config emits from the worker's directory
+    resource = model_resource(load_config(ROOT / "configs" / "demo.yaml"), ROOT)
+    emit_event(event="model.rejected", resource=resource,
                payload={"run_id": "test", "reasons": ["tuned loss above base loss"]})  # fmt: skip
     deadline = time.monotonic() + 90
     with get_client(sync_client=True) as client:

@@ -12,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tasks.evaluate as evaluate
+from qlora_flow.model_events import model_resource
 from tests.conftest import make_chat_rows
 from tests.test_evaluate_support import N_EVAL, run_inputs, tiny_adapter_dir  # noqa: F401  (fixtures)
 
@@ -95,6 +96,7 @@ def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatc
     [event] = calls["event"]
     assert event["event"] == "model.rejected"
     assert event["resource"]["prefect.resource.name"] == tiny_config.publish.model_name
+    assert event["resource"] == model_resource(tiny_config)  # store-qualified id, alias label
     assert event["payload"]["run_id"] == "run-b" and event["payload"]["tuned_metrics"] == report.tuned_metrics
     [(table, _)] = calls["table"]
     assert len(table) == 4 and set(table[0]) == {"prompt", "reference", "base", "tuned"}

@@ -33,7 +33,7 @@ CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that o
 
 class PipelineResult(BaseModel):
     run_id: str
-    status: Literal["published", "merged", "rejected"]
+    status: Literal["published", "merged", "rejected", "unchanged"]
     message: str
     data: ValidatedDataset
     base: PreparedBase
@@ -129,6 +129,16 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Com
         config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
         base=base,
     )
+    if result.published.same_as_run:
+        # Every stage was a cache hit and the alias already serves this model: the run completes as Unchanged,
+        # like a scheduled retraining that found nothing to do (flows/retrain.py).
+        result.status = "unchanged"
+        result.message = (
+            f"{config.publish.model_name}:{config.publish.alias} already serves this model with these results "
+            f"(run {result.published.same_as_run}); no model copied, run {run_id} recorded at {result.published.run_uri}"
+        )
+        logger.info(result.message)
+        return Completed(name="Unchanged", message=result.message, data=result)
     result.status = "published"
     result.message = f"published {config.publish.model_name} run {run_id}: {result.published.manifest_uri}"
     logger.info(result.message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -15,6 +16,7 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.preflight import preflight
 from qlora_flow.refs import PreparedBase, ValidatedDataset
+from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare_base import prepare_base_model_task
@@ -60,9 +62,19 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     )  # fmt: skip
 
 
-@flow(name="qlora-lora-sweep", flow_run_name=run_namer("sweep"), log_prints=True)
-def lora_sweep(config: PipelineConfig = PipelineConfig(), ranks: list[int] = [4, 8, 16]) -> list[SweepPoint]:  # noqa: B006
-    """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss."""
+# validate_parameters=False: resolve_and_record merges a `config` fragment onto the deployment's config first.
+@flow(name="qlora-lora-sweep", flow_run_name=run_namer("sweep"), log_prints=True, validate_parameters=False)
+def lora_sweep(
+    config: PipelineConfig = PipelineConfig(),
+    ranks: list[int] = [4, 8, 16],  # noqa: B006 - never mutated
+    overrides: dict[str, Any] = {},  # noqa: B006 - never mutated
+) -> list[SweepPoint]:
+    """Train one adapter per LoRA rank in parallel on the available GPUs and compare their eval loss.
+
+    `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
+    takes dotted keys like the CLI's `--set`."""
+    config = resolve_and_record(config, overrides)
+    ranks = [int(rank) for rank in ranks]
     preflight(config, quick=False)
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)

@@ -113,7 +113,7 @@ def _repair(
         target = dest / rel
         if not _matches(target, entry):
             log.warning("%s differs from the manifest or is missing; downloading it again", target)
-            _download_verified(store, f"{run}/{entry['path']}", target, entry, label, f"{target} was left as it was")
+            _download_verified(store, stored_key(run, entry), target, entry, label, f"{target} was left as it was")
             restored.append(rel)
     if (dest / MANIFEST_NAME).read_bytes() != manifest_bytes:
         restored.append(MANIFEST_NAME)
@@ -129,6 +129,12 @@ def _repair(
         shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
         log.warning("%s holds %d file(s) that the manifest does not list, left as they are: %s", dest, len(extra), shown)
     return PullReport(dest, checked=len(model_files), downloaded=restored, extra=extra)
+
+
+def stored_key(run: str, entry: dict) -> str:
+    """Store key of a manifest entry's bytes: under the run's own directory, or at `stored_at` for a merged
+    model that an earlier run stored and this run reuses (tasks/publish.py)."""
+    return entry.get("stored_at") or f"{run}/{entry['path']}"
 
 
 def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactStore:
@@ -175,7 +181,7 @@ def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings
 
         out = staging / "model"
         for rel, entry in model_files.items():
-            _download_verified(store, f"{run}/{entry['path']}", out / rel, entry, label, f"nothing was written to {dest}")
+            _download_verified(store, stored_key(run, entry), out / rel, entry, label, f"nothing was written to {dest}")
         (out / MANIFEST_NAME).write_bytes(manifest_bytes)
         if dest.exists():
             dest.rmdir()  # empty, checked above

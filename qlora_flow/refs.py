@@ -73,6 +73,7 @@ class EvalReport(_Ref):
     samples_uri: str
     loss_plot_uri: str | None = None
     verdict: GateVerdict
+    fingerprint: str | None = Field(None, description="Cache key of the measured numbers (qlora_flow.stage_cache).")
 
 
 class MergedModel(_Ref):
@@ -90,3 +91,6 @@ class PublishedModel(_Ref):
     alias_moved: bool
     files: int
     total_bytes: int
+    same_as_run: str | None = Field(
+        None, description="Set when the alias already served an identical model: the run whose manifest it names."
+    )

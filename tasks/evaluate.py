@@ -19,6 +19,7 @@ token-weighted mean over all assistant tokens of the split; perplexity is exp(lo
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -35,7 +36,10 @@ from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
+from qlora_flow.stage_cache import Measurement, entry_key, evaluation_fingerprint, read_entry, write_entry
 from qlora_flow.store import ArtifactStore, open_store
+
+log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
 
@@ -303,16 +307,10 @@ def comparison_markdown(report: EvalReport, run_id: str) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def evaluate_adapter(
-    cfg: PipelineConfig,
-    store: ArtifactStore,
-    run_id: str,
-    data: ValidatedDataset,
-    base: PreparedBase,
-    adapter: AdapterRef,
-) -> EvalReport:
-    """Base vs tuned on the eval split, sample generations, loss curve and gate verdict under runs/<run>/eval/."""
-    conversations = read_conversations(store, data.eval_uri)
+def measure(
+    cfg: PipelineConfig, store: ArtifactStore, conversations: list[Conversation], base: PreparedBase, adapter: AdapterRef
+) -> Measurement:
+    """Metrics and sample answers of the base (adapter disabled) and the tuned model, loaded once."""
     adapter_dir, base_dir = local_path(store, adapter.uri), local_path(store, base.full_precision_uri)
     tokenizer = run_tokenizer(adapter_dir, base_dir)
     stop_ids = end_of_turn_token_ids(tokenizer)
@@ -324,6 +322,35 @@ def evaluate_adapter(
         base_metrics, base_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids)
     tuned_metrics, tuned_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids)
     del model
+    return Measurement(
+        base_metrics=base_metrics, tuned_metrics=tuned_metrics, base_answers=base_answers, tuned_answers=tuned_answers
+    )
+
+
+def evaluate_adapter(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    adapter: AdapterRef,
+) -> EvalReport:
+    """Base vs tuned on the eval split, sample generations, loss curve and gate verdict under runs/<run>/eval/.
+
+    The numbers come from cache/eval/<fp> when this adapter was already measured on this split with these
+    settings (qlora_flow.stage_cache); the gate is decided again on every run, against today's production.
+    """
+    conversations = read_conversations(store, data.eval_uri)
+    fingerprint = evaluation_fingerprint(cfg, data, base, adapter)
+    measured = read_entry(store, "eval", fingerprint, Measurement)
+    if measured is None:
+        measured = measure(cfg, store, conversations, base, adapter)
+        write_entry(store, "eval", fingerprint, measured)
+    else:
+        log.info("adapter %s already evaluated with these settings (%s); reusing its numbers", adapter.fingerprint[:16],
+                 store.uri(entry_key("eval", fingerprint)))  # fmt: skip
+    base_metrics, tuned_metrics = measured.base_metrics, measured.tuned_metrics
+    base_answers, tuned_answers = measured.base_answers, measured.tuned_answers
 
     prod_run, prod_metrics = (None, None)
     if cfg.evaluation.gate.max_regression_vs_production is not None:
@@ -355,6 +382,7 @@ def evaluate_adapter(
         samples_uri=store.uri(f"{key}/samples.jsonl"),
         loss_plot_uri=store.uri(f"{key}/loss_curve.png") if has_plot else None,
         verdict=verdict,
+        fingerprint=fingerprint,
     )
     document = report.model_dump(mode="json") | {
         "run_id": run_id,

@@ -44,6 +44,7 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
+from qlora_flow.stage_cache import MergeEntry, entry_key, merge_fingerprint, read_entry, write_entry
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
 
@@ -421,6 +422,35 @@ def merge_adapter(
     )
 
 
+def merge_or_reuse(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    base: PreparedBase,
+    adapter: AdapterRef,
+    report: EvalReport | None = None,
+    data: ValidatedDataset | None = None,
+) -> MergedModel:
+    """The verified merge of an earlier run with the same adapter and merge settings, where it is stored
+    (cache/merged/<fp> names it; its model card names that run), else merge_adapter, recorded there."""
+    fingerprint = merge_fingerprint(cfg, base, adapter, data)
+    cached = read_entry(store, "merged", fingerprint, MergeEntry)
+    if cached is not None:
+        try:
+            present = store.is_complete(store.key_of(cached.merged.uri))
+        except ValueError:  # recorded under another store root (a moved local store)
+            present = False
+        if present:
+            log.info("adapter %s was already merged and verified by run %s; reusing %s",
+                     adapter.fingerprint[:16], cached.run_id, cached.merged.uri)  # fmt: skip
+            return cached.merged
+        log.warning("%s names merged model %s, which is gone or incomplete; merging again",
+                    store.uri(entry_key("merged", fingerprint)), cached.merged.uri)  # fmt: skip
+    merged = merge_adapter(cfg, store, run_id, base, adapter, report, data)
+    write_entry(store, "merged", fingerprint, MergeEntry(merged=merged, run_id=run_id))
+    return merged
+
+
 # No retries: a verification failure is deterministic and would only repeat.
 @task(name="merge")
 def merge_task(
@@ -431,4 +461,4 @@ def merge_task(
     report: EvalReport | None = None,
     data: ValidatedDataset | None = None,
 ) -> MergedModel:
-    return merge_adapter(cfg, open_store(cfg.execution), run_id, base, adapter, report, data)
+    return merge_or_reuse(cfg, open_store(cfg.execution), run_id, base, adapter, report, data)

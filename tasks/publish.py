@@ -1,17 +1,23 @@
 """Publish stage: put one run's model, adapter, reports and a manifest in the store, then move the alias.
 
 Order is what makes a crash at any point safe for consumers:
-  1. copy the adapter, eval and data reports into runs/<run-id>/ (the merged model is there already),
+  1. copy the adapter, eval and data reports into runs/<run-id>/ (the merged model is there already, or,
+     reused from the earlier run that merged it, stays there: its manifest entries name it in `stored_at`),
      verifying each object's size and SHA-256;
   2. write runs/<run-id>/manifest.json, listing every file with size and SHA-256 plus the lineage;
   3. only then, and only when the quality gate passed, move models/<name>/<alias>.json and
      models/<name>/latest.json by compare-and-swap.
 A consumer following an alias therefore always finds a manifest whose files all exist and verify.
+
+A repeat (the alias already serves a publication with the same fingerprint: model, adapter, data, base,
+recipe, measured numbers, publish settings) copies and moves nothing: runs/<run-id>/same-as.json records
+which run's manifest the alias keeps serving.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -27,8 +33,9 @@ from prefect.transactions import transaction
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
-from qlora_flow.fingerprint import code_version, library_versions
+from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.model_events import model_resource
+from qlora_flow.pull import stored_key
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
+# runs/<run-id>/same-as.json: the record of a run whose publication the alias already served (see publish_run)
+SAME_AS_NAME = "same-as.json"
 # fields that legitimately differ when the same run is published again
 _VOLATILE_MANIFEST_FIELDS = ("created_at", "flow_run_id")
 _SECRET_FIELD = re.compile(r"(^|_)(secret|password|token|access_key)(_|$)", re.IGNORECASE)  # not max_new_tokens
@@ -109,6 +118,20 @@ def _plan(
     return plan
 
 
+def publication_fingerprint(
+    cfg: PipelineConfig, *, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
+    base: PreparedBase,
+) -> str | None:
+    """What a publication's content follows from: model, adapter, data, base, recipe, measured numbers and
+    publish settings. None when the evaluation carries no fingerprint: such a run is never taken as a repeat."""
+    if report.fingerprint is None:
+        return None
+    return combine(
+        "publication", merged.fingerprint, adapter.fingerprint, data.fingerprint, base.fingerprint,
+        recipe_fingerprint(cfg), report.fingerprint, cfg.publish,
+    )  # fmt: skip
+
+
 def build_manifest(
     cfg: PipelineConfig,
     run_id: str,
@@ -120,6 +143,7 @@ def build_manifest(
     data: ValidatedDataset,
     base: PreparedBase,
     flow_run_id: str | None,
+    stored_at: dict[str, str] | None = None,
 ) -> dict:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -127,7 +151,10 @@ def build_manifest(
         "model_name": cfg.publish.model_name,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "flow_run_id": flow_run_id,
-        "files": [{"path": p, "size": size, "sha256": sha} for p, (size, sha) in sorted(files.items())],
+        "files": [
+            {"path": p, "size": size, "sha256": sha} | ({"stored_at": stored_at[p]} if p in (stored_at or {}) else {})
+            for p, (size, sha) in sorted(files.items())
+        ],
         "total_bytes": sum(size for size, _ in files.values()),
         "metrics": {
             "base": report.base_metrics,
@@ -148,6 +175,12 @@ def build_manifest(
             "adapter": {"fingerprint": adapter.fingerprint, "steps": adapter.steps, "tokens_seen": adapter.tokens_seen},
             "recipe": {"fingerprint": recipe_fingerprint(cfg)},
             "merged": {"fingerprint": merged.fingerprint, "dtype": merged.dtype, "verification": merged.verification},
+            "evaluation": {"fingerprint": report.fingerprint},
+            "publication": {
+                "fingerprint": publication_fingerprint(
+                    cfg, merged=merged, adapter=adapter, report=report, data=data, base=base
+                )
+            },
             "config": redact(cfg.model_dump(mode="json")),
             "library_versions": library_versions(),
             "code_version": code_version(),
@@ -190,6 +223,36 @@ def _move_alias(store: ArtifactStore, key: str, document: dict, *, keep_newer: b
     return False
 
 
+def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: str | None) -> tuple[dict, dict] | None:
+    """(alias document, manifest) when the alias already serves an intact publication with this fingerprint."""
+    if fingerprint is None:
+        return None
+    key = alias_key(cfg.publish.model_name, cfg.publish.alias)
+    document, _ = store.read_alias(key)
+    if document is None:
+        return None
+    try:
+        manifest_key = store.key_of(document["manifest_uri"])
+        manifest_bytes = store.read_bytes(manifest_key)
+        manifest = json.loads(manifest_bytes)
+        served = manifest["lineage"].get("publication", {}).get("fingerprint")
+    except (KeyError, FileNotFoundError, ValueError) as exc:  # a damaged alias is replaced by this publication
+        log.warning("%s names no readable manifest (%s); publishing this run in full", store.uri(key), exc)
+        return None
+    if served != fingerprint:
+        return None
+    run = manifest_key.rsplit("/", 1)[0]
+    stored = set(store.list(run))
+    missing = [
+        f["path"] for f in manifest["files"] if stored_key(run, f) not in stored and not store.exists(stored_key(run, f))
+    ]
+    if hashlib.sha256(manifest_bytes).hexdigest() != document["manifest_sha256"] or missing:
+        log.warning("%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
+                    document["manifest_uri"], ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
+        return None
+    return document, manifest
+
+
 def publish_run(
     cfg: PipelineConfig,
     store: ArtifactStore,
@@ -203,12 +266,36 @@ def publish_run(
     flow_run_id: str | None = None,
 ) -> PublishedModel:
     run = run_key(run_id)
+    manifest_key = f"{run}/{MANIFEST_NAME}"
+    fingerprint = publication_fingerprint(cfg, merged=merged, adapter=adapter, report=report, data=data, base=base)
+    served = _served_publication(store, cfg, fingerprint) if report.verdict.passed else None
+    if served is not None and served[0]["run_id"] != run_id and not store.exists(manifest_key):
+        # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
+        # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
+        document, manifest = served
+        store.write_json(f"{run}/{SAME_AS_NAME}", {
+            "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
+            "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
+            "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
+            "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
+            "flow_run_id": flow_run_id,
+        })  # fmt: skip
+        log.info("%s:%s already serves this publication (run %s); nothing copied",
+                 cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
+        return PublishedModel(
+            run_uri=store.uri(run), manifest_uri=document["manifest_uri"], model_uri=document["model_uri"],
+            alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)), alias_moved=False,
+            files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
+        )  # fmt: skip
+
     plan = _plan(store, merged, adapter, report, data)
     sources = {dst: store.file_info(src) for dst, src in plan.items()}
+    # a merged model reused from an earlier run (qlora_flow.stage_cache) stays where it is; the manifest says where
+    stored_at = {dst: src for dst, src in plan.items() if dst.startswith("model/") and src != f"{run}/{dst}"}
     manifest = build_manifest(
-        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id
+        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id,
+        stored_at=stored_at,
     )
-    manifest_key = f"{run}/{MANIFEST_NAME}"
 
     if store.exists(manifest_key):
         existing = store.read_json(manifest_key)
@@ -222,7 +309,7 @@ def publish_run(
     else:
         for dst, src in plan.items():
             target = f"{run}/{dst}"
-            if src == target:  # the merged model, verified when the merge stage committed it
+            if src == target or dst in stored_at:  # the merged model, verified when the merge stage committed it
                 continue
             if _info_or_none(store, target) != sources[dst]:  # skips copies a crashed attempt finished
                 store.copy(src, target)
@@ -237,7 +324,7 @@ def publish_run(
             store.write_json(f"{run}/{part}/{COMPLETE_MARKER}", {"files": listing})
         store.write_json(manifest_key, manifest)
 
-    model_uri = store.uri(f"{run}/model")
+    model_uri = merged.uri
     manifest_bytes = store.read_bytes(manifest_key)
     alias_uri = None
     if report.verdict.passed:
@@ -336,6 +423,11 @@ def publish_task(
             flow_run_id=flow_run.get_id(),
         )
         txn.stage(published)
+    if published.same_as_run:
+        # nothing new was published: no model.published event for automations to act on
+        logger.info("%s:%s already serves this model (run %s); recorded %s/%s", cfg.publish.model_name,
+                    cfg.publish.alias, published.same_as_run, published.run_uri, SAME_AS_NAME)  # fmt: skip
+        return published
     logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)
     _announce(cfg, run_id, published, report)
     return published

@@ -1,0 +1,89 @@
+"""Cache entries of the stages after training, keyed by content fingerprints like the adapter.
+
+    cache/eval/<fp>/entry.json     what evaluating cost: base and tuned metrics and answers. Not the gate
+                                   verdict: the gate compares against whatever `production` is at the time,
+                                   so every run decides it again from these numbers (milliseconds).
+    cache/merged/<fp>/entry.json   where the verified merged model of this adapter + merge settings is
+                                   stored (the `runs/<run-id>/model/` of the run that merged it), so one
+                                   model is stored once however many runs produce it.
+
+An entry is written through the store's workdir/commit, so it counts only once its completion marker
+exists; an entry that cannot be read is set aside with a WARNING and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from qlora_flow.config import PipelineConfig
+from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.refs import AdapterRef, MergedModel, PreparedBase, ValidatedDataset
+from qlora_flow.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+ENTRY_NAME = "entry.json"
+Entry = TypeVar("Entry", bound=BaseModel)
+
+
+class Measurement(BaseModel):
+    """Evaluation numbers of one adapter on one eval split under one set of evaluation settings."""
+
+    base_metrics: dict[str, float]
+    tuned_metrics: dict[str, float]
+    base_answers: list[str]
+    tuned_answers: list[str]
+
+
+class MergeEntry(BaseModel):
+    merged: MergedModel
+    run_id: str  # the run that merged it, whose model directory merged.uri names
+
+
+def evaluation_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef) -> str:
+    """What the measured numbers depend on: adapter, eval split (in the data fp), base and where it computes,
+    evaluation settings except the gate, code and libraries."""
+    return combine(
+        "evaluation", adapter.fingerprint, data.fingerprint, base.fingerprint, base.compute_dtype, base.device,
+        cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
+        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models"), library_versions(),
+    )  # fmt: skip
+
+
+def merge_fingerprint(
+    cfg: PipelineConfig, base: PreparedBase, adapter: AdapterRef, data: ValidatedDataset | None
+) -> str:
+    """What the merged model and its verification depend on: adapter, base, merge settings, the verification
+    budget (evaluation.max_new_tokens) and prompts (eval split, else the report's samples), code and libraries."""
+    return combine(
+        "merge", adapter.fingerprint, base.fingerprint, base.device, cfg.merge, cfg.evaluation.max_new_tokens,
+        data.fingerprint if data else "eval-report-samples",
+        code_version("tasks.merge", "qlora_flow.models"), library_versions(),
+    )  # fmt: skip
+
+
+def entry_key(kind: str, fingerprint: str) -> str:
+    return f"cache/{kind}/{fingerprint[:24]}"
+
+
+def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[Entry]) -> Entry | None:
+    """The committed entry, or None when there is none or it cannot be read (then it is rebuilt)."""
+    key = entry_key(kind, fingerprint)
+    if not store.is_complete(key):
+        return None
+    try:
+        return model.model_validate_json(store.read_bytes(f"{key}/{ENTRY_NAME}"))
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("cache entry %s is unreadable (%s); computing it again", store.uri(key), exc)
+        return None
+
+
+def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseModel) -> str:
+    key = entry_key(kind, fingerprint)
+    out = store.workdir(key)
+    (out / ENTRY_NAME).write_text(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
+    return store.commit(key)

@@ -117,7 +117,7 @@ def cmd_pull(args) -> int:
     import re
 
     from qlora_flow.config import S3Settings
-    from qlora_flow.pull import pull_model
+    from qlora_flow.pull import pull_and_verify
 
     name, _, alias = args.model.partition(":")
     alias = alias or "production"
@@ -129,7 +129,7 @@ def cmd_pull(args) -> int:
         from qlora_flow.preflight import check_s3_uri, quick_s3_client
 
         check_s3_uri(quick_s3_client(s3, "--endpoint-url"), "--store", args.store, "--endpoint-url")
-    report = pull_model(args.store, name, alias, Path(args.dest), s3=s3)  # logs a WARNING for unlisted files
+    report = pull_and_verify(args.store, name, alias, Path(args.dest), s3=s3)  # logs a WARNING for unlisted files
     print(f"ok: {name}:{alias} -> {args.dest} ({report.summary()})")
     return 0
 

@@ -147,9 +147,14 @@ def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactSto
     return LocalStore(store_uri)
 
 
-def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> PullReport:
+def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> Path:
+    """Download name:alias into dest, or restore a dest that holds it (see pull_and_verify); returns dest."""
+    return pull_and_verify(store_uri, name, alias, dest, s3).dest
+
+
+def pull_and_verify(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> PullReport:
     """Download name:alias into dest (model files plus manifest.json), or bring a dest that already
-    holds this run back to what the manifest lists."""
+    holds this run back to what the manifest lists; the report says what was checked and downloaded."""
     dest = Path(dest).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))

@@ -8,7 +8,7 @@ import pytest
 from s3server import moto_server, s3env, stage_run  # noqa: F401  (fixtures)
 
 from qlora_flow.config import load_config
-from qlora_flow.pull import PullError, pull_model
+from qlora_flow.pull import PullError, pull_and_verify, pull_model
 from tasks.publish import publish_run
 
 
@@ -22,7 +22,7 @@ def published(s3env, chat_jsonl, tmp_path):
 
 
 def _pull(s3env, dest, alias="production"):
-    return pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, dest, s3=s3env.settings()).dest
+    return pull_model(f"s3://{s3env.bucket}/store", "extractor", alias, dest, s3=s3env.settings())
 
 
 def test_round_trip_is_byte_identical(s3env, published, tmp_path):
@@ -35,7 +35,7 @@ def test_round_trip_is_byte_identical(s3env, published, tmp_path):
     assert manifest["run_id"] == "run-1"
     assert [p.name for p in dest.parent.iterdir()] == ["extractor"]  # no staging leftovers
     # pulling again into the same place checks every file and changes nothing; latest resolves to the same run
-    again = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    again = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
     assert (again.checked, again.downloaded, again.extra) == (4, [], [])
     assert again.summary() == "4 files checked, all match the manifest"
     assert _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
@@ -86,7 +86,7 @@ def test_pull_over_a_changed_destination_restores_it(s3env, published, tmp_path)
         fh.truncate(1000)
     (dest / "notes.txt").write_text("mine")
 
-    report = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    report = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
 
     assert report.checked == 4
     assert sorted(report.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -102,7 +102,7 @@ def test_pull_restores_a_damaged_manifest_and_refuses_another_run(s3env, publish
     dest = _pull(s3env, tmp_path / "served")
     manifest = json.loads((dest / "manifest.json").read_text())
     (dest / "manifest.json").write_text(json.dumps({**manifest, "files": []}))
-    report = pull_model(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    report = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
     assert report.downloaded == ["manifest.json"]
     assert json.loads((dest / "manifest.json").read_text()) == manifest
 

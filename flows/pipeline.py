@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from qlora_flow.config import ConfigError, PipelineConfig
@@ -29,6 +29,7 @@ from tasks.validate import validate_dataset_task
 
 
 CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
+REJECTED = "Rejected"  # state name of a run whose candidate the quality gate rejected
 
 
 class PipelineResult(BaseModel):
@@ -104,7 +105,7 @@ def qlora_pipeline(
         return _stages(config, run_id, logger)
 
 
-def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Completed:
+def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | State:
     # Data validation and base preparation do not depend on each other.
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)
@@ -118,8 +119,9 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Com
     if not report.verdict.passed:
         result.message = "quality gate failed: " + "; ".join(report.verdict.reasons)
         logger.warning(result.message)
-        # A rejection is an outcome, not a crash: the run completes under its own state name.
-        return Completed(name="Rejected", message=result.message, data=result)
+        # Failed-type, so the runs list shows it red and `prefect flow-run ls` FAILED: no model came out of
+        # it and someone has to look. Its name tells it from a crash; its data is the full result.
+        return Failed(name=REJECTED, message=result.message, data=result)
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
     if not config.publish.enabled:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
-from flows.pipeline import PipelineResult, qlora_pipeline, run_namer
+from flows.pipeline import REJECTED, PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig
 from qlora_flow.preflight import preflight
 from qlora_flow.run_config import resolve_and_record
@@ -104,4 +104,9 @@ def scheduled_retrain(
     if not decision.retrain:
         # A skipped retraining completes under its own state name, visible in the runs list.
         return Completed(name="Unchanged", message=decision.reason, data=decision)
-    return qlora_pipeline(config)
+    outcome = qlora_pipeline(config, return_state=True)
+    if outcome.name == REJECTED:
+        # a rejected candidate leaves this run Rejected too, not Completed (a returned subflow state would
+        # only count as a plain "Failed", so the state is made here)
+        return Failed(name=REJECTED, message=outcome.message, data=outcome.result(raise_on_failure=False))
+    return outcome.result()

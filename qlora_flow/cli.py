@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from qlora_flow.config import STORE_NAME_PATTERN, ConfigError, PipelineConfig, load_config, store_name_problem
+from qlora_flow.console import disable_prefect_telemetry, quiet_library_noise, setup_console
 from qlora_flow.errors import one_line
 from qlora_flow.schedule_ops import add_schedule_parser
 
@@ -72,13 +73,13 @@ def _hide_console_tracebacks() -> None:
 
 def cmd_run(args) -> int:
     cfg = _load(args)
-    from flows.pipeline import qlora_pipeline
+    from flows.pipeline import REJECTED, qlora_pipeline
 
     if not args.debug:
         _hide_console_tracebacks()
     state = qlora_pipeline(cfg, return_state=True)
     result = state.result(raise_on_failure=False)
-    if state.is_failed() or state.is_crashed():
+    if (state.is_failed() and state.name != REJECTED) or state.is_crashed():
         if isinstance(result, BaseException):
             raise result  # main() prints it as one line (or the traceback with --debug)
         raise RuntimeError(f"run failed: {state.message or result}")
@@ -159,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # before Prefect is imported (the commands import it): its settings and logging set-up read these once
+    disable_prefect_telemetry()
+    quiet_library_noise()
+    setup_console()
     # Prefect's client logs every API request at INFO; progress lines are what a person wants to see.
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

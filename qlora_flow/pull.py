@@ -164,14 +164,16 @@ def pull_and_verify(store_uri: str, name: str, alias: str, dest: Path, s3: S3Set
         pointer, _ = store.read_alias(alias_key)
         if pointer is None:
             raise PullError(f"{store.uri(alias_key)} does not exist: nothing is published as {name}:{alias}")
-        manifest_bytes = store.read_bytes(store.key_of(pointer["manifest_uri"]))
+        # aliases written before manifest_key hold only the absolute URI; key_of maps it into this store
+        manifest_key = pointer.get("manifest_key") or store.key_of(pointer["manifest_uri"])
+        manifest_bytes = store.read_bytes(manifest_key)
         if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
             raise PullError(f"{pointer['manifest_uri']} does not match the checksum recorded in {store.uri(alias_key)}")
         manifest = json.loads(manifest_bytes)
         if manifest["run_id"] != pointer["run_id"]:
             raise PullError(f"{name}:{alias} names run {pointer['run_id']} but its manifest is for run {manifest['run_id']}")
 
-        run = store.key_of(pointer["manifest_uri"]).rsplit("/", 1)[0]
+        run = manifest_key.rsplit("/", 1)[0]
         label = f"{name}:{alias} (run {manifest['run_id']})"
         model_files = _model_files(manifest)
         if dest.exists() and not dest.is_dir():

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
+from qlora_flow import integrity
 from qlora_flow.config import S3Settings
 from qlora_flow.fingerprint import sha256_file
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
@@ -115,6 +117,8 @@ def make_client(settings: S3Settings):
         read_timeout=settings.read_timeout_s,
         # one pooled connection per transfer thread plus the verification HEADs
         max_pool_connections=2 * settings.max_concurrency + 2,
+        # what requests use anyway; named so that presigned URLs (UI links) are SigV4 too, not legacy SigV2
+        signature_version="s3v4",
     )
     return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
 
@@ -314,7 +318,7 @@ class S3Store(ArtifactStore):
 
     def commit(self, key: str) -> str:
         root = self._local(key)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+        files = integrity.files_of(root)
         rel = {p: f"{key.strip('/')}/{p.relative_to(root).as_posix()}" for p in files}
 
         # first un-complete the prefix, so a half-overwritten result never looks finished
@@ -384,7 +388,10 @@ class S3Store(ArtifactStore):
                 self.download(f"{key}/{rel}", Path(tmp))
                 actual = sha256_file(tmp)
                 if actual != listing[rel]["sha256"]:
-                    raise UploadVerificationError(f"{self.uri(f'{key}/{rel}')}: SHA-256 {actual} != recorded {listing[rel]['sha256']}")
+                    problem = {"file": rel, "problem": "sha256", "expected_sha256": listing[rel]["sha256"], "found_sha256": actual}
+                    raise integrity.CorruptEntry(
+                        f"{self.uri(f'{key}/{rel}')}: SHA-256 {actual} != recorded {listing[rel]['sha256']}", [problem]
+                    )
                 os.replace(tmp, target)
             finally:
                 Path(tmp).unlink(missing_ok=True)
@@ -393,6 +400,27 @@ class S3Store(ArtifactStore):
             list(pool.map(get, listing))
         local_marker.write_bytes(marker)
         return root
+
+    def _drop_local_copy(self, key: str) -> bool:
+        (self._local(key) / COMPLETE_MARKER).unlink(missing_ok=True)
+        return True
+
+    def quarantine(self, key: str, problems: list[dict]) -> str:
+        """Server-side copies under quarantine/ first, then the entry is deleted, marker first."""
+        where = integrity.quarantine_key(key)
+        keys = self.list(key)
+        for k in keys:  # the raw bytes as stored, whatever their checksum metadata says
+            source = {"Bucket": self.bucket, "Key": self._k(k)}
+            self.client.copy(source, self.bucket, self._k(f"{where}/entry/{k[len(key.strip('/')) + 1:]}"), Config=self.transfer)
+        self.write_json(f"{where}/{integrity.REASON_NAME}", integrity.reason_document(key, problems))
+        marker = f"{key.strip('/')}/{COMPLETE_MARKER}"
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(marker))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._k(k)} for k in keys[start:start + 1000] if k != marker]
+            if batch:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        shutil.rmtree(self._local(key), ignore_errors=True)
+        return where
 
     # ---- aliases ----------------------------------------------------------------------
     def read_alias(self, key: str) -> tuple[dict | None, str | None]:

@@ -73,10 +73,10 @@ def entry_key(kind: str, fingerprint: str) -> str:
 def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[Entry]) -> Entry | None:
     """The committed entry, or None when there is none or it cannot be read (then it is rebuilt)."""
     key = entry_key(kind, fingerprint)
-    if not store.is_complete(key):
+    if store.verified(key) is None:  # absent, or corrupt and set aside in quarantine/
         return None
     try:
-        return model.model_validate_json(store.read_bytes(f"{key}/{ENTRY_NAME}"))
+        return model.model_validate(store.as_uris(json.loads(store.read_bytes(f"{key}/{ENTRY_NAME}"))))
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         log.warning("cache entry %s is unreadable (%s); computing it again", store.uri(key), exc)
         return None
@@ -85,5 +85,6 @@ def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[En
 def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseModel) -> str:
     key = entry_key(kind, fingerprint)
     out = store.workdir(key)
-    (out / ENTRY_NAME).write_text(json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True))
+    # keys, not URIs: the entry stays valid when the store is copied or moved
+    (out / ENTRY_NAME).write_text(json.dumps(store.as_keys(entry.model_dump(mode="json")), indent=2, sort_keys=True))
     return store.commit(key)

@@ -4,24 +4,48 @@ Layout (same keys on every backend):
     cache/<kind>/<fingerprint>/...   reusable intermediates (validated data, bases, adapters)
     runs/<run-id>/...                one run's outputs and its manifest.json
     models/<name>/<alias>.json       aliases such as `production`, moved last
+    quarantine/<kind>/<...>/<time>/  entries that failed verification: entry/ plus reason.json
 
 Stages compute on local files. `workdir(key)` gives the local directory to write a result into,
-`commit(key)` makes it visible in the store (a no-op for the local store, an upload for S3),
+`commit(key)` makes it visible in the store (local: writes the marker; S3: uploads, then the marker),
 and `fetch(key)` returns a local directory holding a stored result (downloading if remote).
 A result counts as present only once its `_COMPLETE` marker exists, so a crash mid-write
-never leaves something that looks finished.
+never leaves something that looks finished. The marker lists every file with size and SHA-256
+(qlora_flow.integrity); `verified(key)` checks an entry against it before a stage trusts it, and
+moves a corrupt one to quarantine/ so the stage rebuilds or resumes from an older checkpoint.
+
+Documents in the store name other entries by key, relative to the root (`as_keys`), so a store
+copied or moved with `cp -a`, `aws s3 sync` or `mc mirror` keeps working; `key_of` also maps the
+absolute URIs that older stores hold to keys of the store where they now are.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-COMPLETE_MARKER = "_COMPLETE"
+from qlora_flow import integrity
+from qlora_flow.integrity import COMPLETE_MARKER
+
+log = logging.getLogger(__name__)
+
+# The top-level folders of every store: a path segment that starts a key.
+_TOP_LEVEL = ("cache", "runs", "models", integrity.QUARANTINE_ROOT)
+_relocation_noted = False
+
+
+def _key_shaped_tails(segments: list[str]) -> list[str]:
+    """Every tail of a path that starts at a top-level store folder, longest first."""
+    return ["/".join(segments[i:]) for i, segment in enumerate(segments) if segment in _TOP_LEVEL]
+
+
+def _is_reference_field(name: object) -> bool:
+    return isinstance(name, str) and (name == "uri" or name.endswith("_uri"))
 
 
 class AliasConflict(RuntimeError):
@@ -67,12 +91,99 @@ class ArtifactStore(ABC):
     def swap_alias(self, key: str, document: dict, expected_version: str | None) -> None:
         """Write the alias only if it is still at expected_version (None: only if absent); else AliasConflict."""
 
+    @abstractmethod
+    def quarantine(self, key: str, problems: list[dict]) -> str:
+        """Move the entry at key to quarantine/ with a reason.json naming each bad file; returns where."""
+
     def key_of(self, uri: str) -> str:
-        """Inverse of uri(): the store key that a reference's URI names."""
+        """The store key a reference names: a key as it is, a URI of this store, or a URI of the place the
+        store was copied or moved from (older stores recorded absolute URIs) whose tail is a key stored here."""
         prefix = self.uri("").rstrip("/") + "/"
-        if not uri.startswith(prefix):
-            raise ValueError(f"{uri} is not inside the artifact store {self.root}")
-        return uri[len(prefix):].strip("/")
+        if uri.startswith(prefix):
+            return uri[len(prefix):].strip("/")
+        segments = [s for s in uri.split("://", 1)[-1].split("/") if s]
+        if "://" not in uri and not uri.startswith("/") and segments and segments[0] in _TOP_LEVEL:
+            return "/".join(segments)
+        for key in _key_shaped_tails(segments):
+            if self.exists(key):
+                global _relocation_noted
+                if not _relocation_noted:
+                    _relocation_noted = True
+                    log.info("%s is read as %s: the store was copied or moved from elsewhere", uri, self.uri(key))
+                return key
+        raise ValueError(f"{uri} is not inside the artifact store {self.root}")
+
+    def as_keys(self, document):
+        """document with every reference into this store (fields `uri` / `*_uri`) written as a key, for storing."""
+        if isinstance(document, dict):
+            prefix = self.uri("").rstrip("/") + "/"
+            return {
+                k: v[len(prefix):] if _is_reference_field(k) and isinstance(v, str) and v.startswith(prefix)
+                else self.as_keys(v)
+                for k, v in document.items()
+            }
+        if isinstance(document, list):
+            return [self.as_keys(v) for v in document]
+        return document
+
+    def as_uris(self, document):
+        """Inverse of as_keys for a document read from the store (legacy absolute URIs are mapped too)."""
+        if isinstance(document, dict):
+            return {k: self._uri_of_reference(v) if _is_reference_field(k) else self.as_uris(v) for k, v in document.items()}
+        if isinstance(document, list):
+            return [self.as_uris(v) for v in document]
+        return document
+
+    def _uri_of_reference(self, value):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.uri(self.key_of(value))
+        except ValueError:
+            # a reference field names an entry of the store it was written in, even one removed since
+            # (checkpoints deleted to save space): its innermost key-shaped tail, else the value as written
+            tails = _key_shaped_tails([s for s in value.split("://", 1)[-1].split("/") if s])
+            return self.uri(tails[-1]) if tails else value
+
+    def verified(self, key: str, *, always_hash: bool = True) -> Path | None:
+        """Local directory of the complete entry at key after checking every file against the size and SHA-256
+        its marker recorded (always_hash=False: SHA-256 only of files changed since they last matched, see
+        qlora_flow.integrity). None when the entry is absent, unfinished or corrupt; a corrupt entry is
+        moved to quarantine/ first (WARNING), so the caller rebuilds it."""
+        if not self.is_complete(key):
+            return None
+        marker_key = f"{key}/{COMPLETE_MARKER}"
+        for attempt in range(2):
+            try:
+                path = self.fetch(key)
+                marker = self.read_bytes(marker_key)
+            except integrity.CorruptEntry as exc:
+                found, marker = exc.problems, None
+                break
+            except FileNotFoundError:  # removed since is_complete (another writer re-committing it)
+                return None
+            listing = integrity.recorded_listing(marker)
+            if listing is None:
+                integrity.note_legacy(self.uri(key))
+                return path
+            found = integrity.problems(path, listing, always_hash)
+            if not found:
+                return path
+            if not (attempt == 0 and self._drop_local_copy(key)):
+                break
+        try:
+            if marker is not None and self.read_bytes(marker_key) != marker:
+                return None  # another writer is rebuilding it right now: not ours to move
+            where = self.quarantine(key, found)
+        except FileNotFoundError:  # another writer or reader (a DDP rank) got there first
+            return None
+        log.warning("%s is corrupt (%s); moved it to %s", self.uri(key), integrity.describe(found), self.uri(where))
+        return None
+
+    def _drop_local_copy(self, key: str) -> bool:
+        """Forget a local working copy of a remote entry, so the next fetch downloads it again; False when
+        the local files are the store itself."""
+        return False
 
     def fetch_file(self, uri: str) -> Path:
         """Local path of a file inside a committed store directory (fetching the directory if remote)."""
@@ -149,8 +260,20 @@ class LocalStore(ArtifactStore):
         return path
 
     def commit(self, key: str) -> str:
-        (self._p(key) / COMPLETE_MARKER).write_text("ok\n")
+        self.write_bytes(f"{key}/{COMPLETE_MARKER}", integrity.marker_document(integrity.listing_of(self._p(key))))
         return self.uri(key)
+
+    def quarantine(self, key: str, problems: list[dict]) -> str:
+        # one rename within the store: the entry stops being visible at once and nothing is lost
+        where = integrity.quarantine_key(key)
+        self._p(where).mkdir(parents=True)
+        try:
+            os.rename(self._p(key), self._p(f"{where}/entry"))
+        except FileNotFoundError:
+            self._p(where).rmdir()
+            raise
+        self.write_json(f"{where}/{integrity.REASON_NAME}", integrity.reason_document(key, problems))
+        return where
 
     def fetch(self, key: str) -> Path:
         if not self.is_complete(key):

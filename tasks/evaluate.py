@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from qlora_flow.artifacts import publish_eval_samples, publish_loss_curve
 from qlora_flow.config import GateRules, PipelineConfig
+from qlora_flow.console import StageProgress
 from qlora_flow.errors import is_retryable
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
@@ -110,7 +112,11 @@ def assistant_token_mask(tokenizer: PreTrainedTokenizerBase, messages: Conversat
 
 @torch.no_grad()
 def assistant_loss(
-    model, tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], batch_size: int
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    batch_size: int,
+    progress: StageProgress | None = None,
 ) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over assistant tokens, and how many tokens were scored."""
     device = next(model.parameters()).device
@@ -133,6 +139,8 @@ def assistant_loss(
         )
         total += loss.item()
         count += int((shifted != -100).sum())
+        if progress:
+            progress.advance(len(batch))
     if count == 0:
         raise ValueError("the evaluation split has no assistant tokens to score")
     return total / count, count
@@ -149,6 +157,7 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     stop_ids: list[int],
+    progress: StageProgress | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (left-padded batches), each cut after its first end-of-turn token."""
     device = next(model.parameters()).device
@@ -163,6 +172,8 @@ def greedy_generate(
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             generated = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
             outputs.extend(cut_at_stop(row.tolist(), stop_ids) for row in generated)
+            if progress:
+                progress.advance(len(texts))
     finally:
         tokenizer.padding_side = side
     return outputs
@@ -181,16 +192,19 @@ def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 
 
 def _model_metrics(
-    model, tokenizer, conversations: list[Conversation], cfg: PipelineConfig, stop_ids: list[int]
+    model, tokenizer, conversations: list[Conversation], cfg: PipelineConfig, stop_ids: list[int], label: str
 ) -> tuple[dict[str, float], list[str]]:
-    loss, n_tokens = assistant_loss(model, tokenizer, conversations, cfg.evaluation.batch_size)
+    scoring = StageProgress("evaluate", f"{label} model: loss", len(conversations))
+    loss, n_tokens = assistant_loss(model, tokenizer, conversations, cfg.evaluation.batch_size, scoring)
     metrics = {"loss": loss, "perplexity": math.exp(loss), "assistant_tokens": float(n_tokens)}
     samples = conversations[: cfg.evaluation.max_generation_samples]
     if not samples:
         return metrics, []
+    generating = StageProgress("evaluate", f"{label} model: generation", len(samples))
     ids = greedy_generate(
-        model, tokenizer, [c[:-1] for c in samples], cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, stop_ids
-    )
+        model, tokenizer, [c[:-1] for c in samples], cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, stop_ids,
+        generating,
+    )  # fmt: skip
     answers = [decode_answer(tokenizer, i) for i in ids]
     metrics.update(generation_metrics(answers, [c[-1]["content"] for c in samples]))
     metrics["generation_samples"] = float(len(samples))
@@ -319,8 +333,8 @@ def measure(
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     with model.disable_adapter():
-        base_metrics, base_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids)
-    tuned_metrics, tuned_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids)
+        base_metrics, base_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids, "base")
+    tuned_metrics, tuned_answers = _model_metrics(model, tokenizer, conversations, cfg, stop_ids, "tuned")
     del model
     return Measurement(
         base_metrics=base_metrics, tuned_metrics=tuned_metrics, base_answers=base_answers, tuned_answers=tuned_answers
@@ -392,24 +406,22 @@ def evaluate_adapter(
         "base_fingerprint": base.fingerprint,
         "eval_rows": len(conversations),
     }
-    (out / "report.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    (out / "report.json").write_text(json.dumps(store.as_keys(document), indent=2, sort_keys=True))
     plot_link = "\n![loss curve](loss_curve.png)\n" if has_plot else ""
     (out / "report.md").write_text(comparison_markdown(report, run_id) + plot_link)
     store.commit(key)
     return report
 
 
-def announce(cfg: PipelineConfig, store: ArtifactStore, run_id: str, report: EvalReport) -> None:
+def announce(
+    cfg: PipelineConfig, store: ArtifactStore, run_id: str, report: EvalReport, loss_history: list[LossPoint] = ()
+) -> None:
     """Prefect artifacts for the UI, and a `model.rejected` event that automations can react to."""
     create_markdown_artifact(comparison_markdown(report, run_id), key="eval-comparison", description=f"run {run_id}")
     samples = [json.loads(line) for line in store.read_bytes(store.key_of(report.samples_uri)).decode().splitlines()]
-    table = [{k: s[k] for k in ("prompt", "reference", "base", "tuned")} for s in samples]
-    if table:
-        create_table_artifact(table, key="eval-samples", description=f"run {run_id}: sample generations")
-    if report.loss_plot_uri:
-        # Local stores hold plain paths; a file:// URL is what the UI can render as a link.
-        link = report.loss_plot_uri if "://" in report.loss_plot_uri else Path(report.loss_plot_uri).as_uri()
-        create_link_artifact(link, link_text="training loss curve (PNG)", key="loss-curve", description=f"run {run_id}")
+    publish_eval_samples(run_id, samples, report.samples_uri)
+    if loss_history or report.loss_plot_uri:
+        publish_loss_curve(store, run_id, loss_history, report.loss_plot_uri)
     if not report.verdict.passed:
         emit_event(
             event="model.rejected",
@@ -430,5 +442,5 @@ def evaluate_task(
 ) -> EvalReport:
     store = open_store(cfg.execution)
     report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
-    announce(cfg, store, run_id, report)
+    announce(cfg, store, run_id, report, adapter.loss_history)
     return report

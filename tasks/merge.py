@@ -41,6 +41,7 @@ from prefect import task
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.console import StageProgress, run_logger
 from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
@@ -120,6 +121,7 @@ def probe(
     max_new_tokens: int,
     eos: list[int] | None,
     reference: list[Probe] | None = None,
+    progress: StageProgress | None = None,
 ) -> list[Probe]:
     """Greedy answers (one prompt at a time, so no padding) and logits on prompt + the reference's answer.
 
@@ -140,6 +142,8 @@ def probe(
         answer = reference[i].generated if reference else generated
         logits = model(input_ids=torch.tensor([prompt + answer], device=device)).logits[0].float().cpu()
         probes.append(Probe(prompt, generated, logits))
+        if progress:
+            progress.advance()
     return probes
 
 
@@ -300,7 +304,8 @@ def verify_saved(
     prompts = [c[:-1] for c in conversations]
     # A float32 save is checked in float32: reading it back in 16 bits would round the merge again.
     reloaded_model = _load(out, torch.float32 if saved_dtype == torch.float32 else compute_dtype, device)
-    reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference)
+    verifying = StageProgress("merge", "verifying the saved model: prompt", len(prompts))
+    reloaded_probes = probe(reloaded_model, tokenizer, prompts, budget, None, reference, verifying)
     del reloaded_model
     _release(device)
     stops_ok, stopped = stops_at_end_of_turn(reloaded_probes, stop_ids, budget)
@@ -378,7 +383,8 @@ def merge_adapter(
     reference: list[Probe] = []
     if m.verify:
         model = PeftModel.from_pretrained(_load(base_dir, compute_dtype, device), adapter_dir)
-        reference = probe(model, tokenizer, prompts, budget, stop_ids)
+        answering = StageProgress("merge", "reference answers of the adapter: prompt", len(prompts))
+        reference = probe(model, tokenizer, prompts, budget, stop_ids, progress=answering)
         del model
         _release(device)
 
@@ -388,6 +394,7 @@ def merge_adapter(
     def merge_and_verify(save_dtype: torch.dtype) -> tuple[dict, list[str]]:
         for stale in out.iterdir():  # a previous attempt may have left differently named shards
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        run_logger("merge").info("[merge] merging the adapter into the %s base", str(save_dtype).removeprefix("torch."))
         merged = PeftModel.from_pretrained(_load(base_dir, save_dtype, device), adapter_dir).merge_and_unload()
         merged.generation_config = generation_config_for(base_dir, tokenizer)
         merged.save_pretrained(out, max_shard_size=m.max_shard_size)
@@ -438,7 +445,7 @@ def merge_or_reuse(
     if cached is not None:
         try:
             present = store.is_complete(store.key_of(cached.merged.uri))
-        except ValueError:  # recorded under another store root (a moved local store)
+        except ValueError:  # names nothing in this store (entries read back map keys and moved-store URIs here)
             present = False
         if present:
             log.info("adapter %s was already merged and verified by run %s; reusing %s",

@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
+from qlora_flow.artifacts import publish_model_link
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
@@ -232,7 +233,7 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     if document is None:
         return None
     try:
-        manifest_key = store.key_of(document["manifest_uri"])
+        manifest_key = document.get("manifest_key") or store.key_of(document["manifest_uri"])
         manifest_bytes = store.read_bytes(manifest_key)
         manifest = json.loads(manifest_bytes)
         served = manifest["lineage"].get("publication", {}).get("fingerprint")
@@ -273,13 +274,13 @@ def publish_run(
         # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
         # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
         document, manifest = served
-        store.write_json(f"{run}/{SAME_AS_NAME}", {
+        store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
             "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
             "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
             "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
             "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
             "flow_run_id": flow_run_id,
-        })  # fmt: skip
+        }))  # fmt: skip
         log.info("%s:%s already serves this publication (run %s); nothing copied",
                  cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
         return PublishedModel(
@@ -332,6 +333,7 @@ def publish_run(
         document = {
             "run_id": run_id,
             "model_name": name,
+            "manifest_key": manifest_key,  # what readers follow; the URIs are for people and stay as written
             "manifest_uri": store.uri(manifest_key),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "model_uri": model_uri,
@@ -356,15 +358,12 @@ def publish_run(
     )
 
 
-def _announce(cfg: PipelineConfig, run_id: str, published: PublishedModel, report: EvalReport) -> None:
+def _announce(
+    cfg: PipelineConfig, store: ArtifactStore, run_id: str, published: PublishedModel, report: EvalReport
+) -> None:
     name = cfg.publish.model_name
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    create_link_artifact(
-        key=f"model-{slug}",
-        link=published.model_uri,
-        link_text=f"{name} ({run_id})",
-        description=f"Merged model of run {run_id}",
-    )
+    publish_model_link(cfg, store, run_id, published)
     alias_line = (
         f"`{cfg.publish.alias}` now points to this run" if published.alias_moved else f"`{cfg.publish.alias}` not moved"
     )
@@ -429,5 +428,5 @@ def publish_task(
                     cfg.publish.alias, published.same_as_run, published.run_uri, SAME_AS_NAME)  # fmt: skip
         return published
     logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)
-    _announce(cfg, run_id, published, report)
+    _announce(cfg, store, run_id, published, report)
     return published

@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
+from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
@@ -71,16 +71,33 @@ def adapter_key(fingerprint: str) -> str:
     return f"cache/adapter/{fingerprint[:24]}"
 
 
-def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+def _complete_steps(store: ArtifactStore, checkpoints_key: str) -> list[int]:
+    """Steps of the checkpoints that have their marker, newest first."""
     steps = []
     for key in store.list(checkpoints_key):
         match = re.search(r"checkpoint-(\d+)/" + COMPLETE_MARKER + "$", key)
         if match:
             steps.append(int(match.group(1)))
-    if not steps:
-        return None
-    step = max(steps)
-    return step, f"{checkpoints_key}/checkpoint-{step}"
+    return sorted(steps, reverse=True)
+
+
+def newest_complete_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, str] | None:
+    steps = _complete_steps(store, checkpoints_key)
+    return (steps[0], f"{checkpoints_key}/checkpoint-{steps[0]}") if steps else None
+
+
+def newest_verified_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tuple[int, Path] | None:
+    """The newest complete checkpoint whose files still match the sizes and SHA-256 its commit recorded.
+
+    A checkpoint marked complete can be damaged later (full disk, a bad copy); resuming from it fails on
+    every retry. A corrupt one is quarantined (see ArtifactStore.verified) and the next older one tried.
+    """
+    for step in _complete_steps(store, checkpoints_key):
+        path = store.verified(f"{checkpoints_key}/checkpoint-{step}")
+        if path is not None:
+            return step, path
+        log.warning("checkpoint at step %d failed verification; trying an older one", step)
+    return None
 
 
 def _training_template(tokenizer) -> str | None:
@@ -132,12 +149,20 @@ def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> Train
     )
 
 
-def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
-    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation."""
+def run_training(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation.
+
+    Each trainer log report goes to on_progress; without one it is printed for a parent process."""
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from qlora_flow.hardware import cap_gpu_memory, resolve_compute_dtype
@@ -235,6 +260,9 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         """Marks a checkpoint complete only after the trainer wrote all of it, then publishes it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # the Trainer does not wait for the other ranks' RNG files before on_save; the marker records them
+                torch.distributed.barrier()
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
                 store.commit(f"{checkpoints_key}/{name}")
@@ -244,7 +272,10 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and state.max_steps:
                 report = {"step": state.global_step, "max_steps": state.max_steps, **(logs or {})}
-                print(PROGRESS_PREFIX + json.dumps(report), flush=True)
+                if on_progress:
+                    on_progress(report)
+                else:
+                    print(PROGRESS_PREFIX + json.dumps(report), flush=True)
             return control
 
     trainer = SFTTrainer(
@@ -255,6 +286,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         peft_config=peft_config,
         callbacks=[CheckpointCommitter(), ProgressReporter()],
     )
+    # it prints each log dict raw; ProgressReporter's `[train] step ...` lines say the same, readably
+    trainer.remove_callback(PrinterCallback)
     if plan.offload:
         from qlora_flow.speedups import offload_large_activations_only
 
@@ -272,11 +305,11 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
             param.data = param.data.to(torch.float32)
     trainable = sum(p.numel() for p in trainable_params)
 
-    resume = newest_complete_checkpoint(store, checkpoints_key)
+    resume = newest_verified_checkpoint(store, checkpoints_key)
     resume_dir = None
     resumed_tokens = 0
     if resume is not None:
-        resume_dir = str(store.fetch(resume[1]))
+        resume_dir = str(resume[1])
         state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
         resumed_tokens = int(state.get("num_input_tokens_seen", 0))
         log.info("resuming from complete checkpoint at step %d", resume[0])
@@ -310,7 +343,8 @@ def run_training(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDatas
         trainer.model.save_pretrained(out)
         tokenizer.chat_template = original_template
         tokenizer.save_pretrained(out)
-        (out / "adapter_ref.json").write_text(ref.model_dump_json(indent=2))
+        # keys, not URIs: the reference stays valid when the store is copied or moved
+        (out / "adapter_ref.json").write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
         store.commit(adapter_out_key)
     return ref
 
@@ -408,12 +442,13 @@ def train_adapter(
 ) -> AdapterRef:
     """Return the stored adapter for this exact request, or train (resuming if possible) and store it."""
     key = adapter_key(training_fingerprint(cfg, data, base))
-    if store.is_complete(f"{key}/adapter"):
+    stored = store.verified(f"{key}/adapter")
+    if stored is not None:
         log.info("adapter %s already trained; reusing it", key)
-        return AdapterRef.model_validate_json(store.read_bytes(f"{key}/adapter/adapter_ref.json"))
+        return AdapterRef.model_validate(store.as_uris(json.loads((stored / "adapter_ref.json").read_text())))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
-    return run_training(cfg, store, data, base)
+    return run_training(cfg, store, data, base, on_progress)
 
 
 def _child_main(spec_path: str, result_path: str) -> None:
@@ -426,17 +461,13 @@ def _child_main(spec_path: str, result_path: str) -> None:
         Path(result_path).write_text(ref.model_dump_json())
 
 
-def progress_percent(report: dict) -> float:
-    return 100.0 * report["step"] / max(report["max_steps"], 1)
-
-
 def _cache_key(context, parameters) -> str:
     """Content fingerprint, valid only while the adapter it names is still in the store."""
     cfg, data, base = parameters["cfg"], parameters["data"], parameters["base"]
     store = open_store(cfg.execution)
     key = adapter_key(training_fingerprint(cfg, data, base))
     # Prefect stores results under the cache key, so it must be a plain name, not a path.
-    if not store.is_complete(f"{key}/adapter"):
+    if store.verified(f"{key}/adapter") is None:
         return f"train-pending-{time.time_ns()}"
     return "train-" + combine(store.root, key)[:32]
 
@@ -465,16 +496,16 @@ def training_lock(name: str) -> Iterator[None]:
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
-    artifact_id = create_progress_artifact(progress=0.0, key="training-progress", description="LoRA training")
+    progress = TrainingProgressArtifact()
 
     def on_progress(report: dict) -> None:
-        update_progress_artifact(artifact_id, progress=progress_percent(report))
+        line = progress.update(report)
         if "loss" in report:
-            logger.info("step %s/%s loss %.4f", report["step"], report["max_steps"], report["loss"])
+            logger.info(line)
 
     with training_lock(training_lock_name(cfg, data, base)):
         ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
-    update_progress_artifact(artifact_id, progress=100.0)
+    progress.finish(ref.steps)
     return ref
 
 

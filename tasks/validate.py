@@ -444,14 +444,14 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
         settings = _settings(cfg, tokenizer)
         source_key = _source_key(cfg, sources, settings)
         fingerprint = store.read_json(source_key)["fingerprint"] if store.exists(source_key) else None
-        if fingerprint is None or not store.is_complete(f"cache/data/{fingerprint}"):
+        if fingerprint is None or store.verified(f"cache/data/{fingerprint}") is None:
             # the fingerprint hashes every normalised row, so it is known only after the pass:
             # validate into a staging directory, then move the result under its key
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-flow-validate-")))
             report = _validate_into(staging, cfg, sources, tokenizer)
             fingerprint = combine(report["content_hash"], settings)
             key = f"cache/data/{fingerprint}"
-            if not store.is_complete(key):  # same rows from another file or format: already done
+            if store.verified(key) is None:  # else the same rows from another file or format: already done
                 workdir = store.workdir(key)
                 for name in _OUTPUTS:
                     shutil.move(staging / name, workdir / name)
@@ -460,12 +460,12 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
                     "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
                     "report_uri": store.uri(f"{key}/report.json"),
                 }
-                (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+                (workdir / "report.json").write_text(json.dumps(store.as_keys(report), indent=2, sort_keys=True))
                 # committed even when the run is about to fail: the quarantine must survive it
                 store.commit(key)
             store.write_json(source_key, {"fingerprint": fingerprint})
     key = f"cache/data/{fingerprint}"
-    report = store.read_json(f"{key}/report.json")
+    report = store.as_uris(store.read_json(f"{key}/report.json"))
     _enforce(report, cfg.data)
     return ValidatedDataset(
         train_uri=store.uri(f"{key}/train.parquet"),
@@ -523,5 +523,5 @@ def validate_dataset_task(cfg: PipelineConfig) -> ValidatedDataset:
         if exc.report is not None:
             _publish(exc.report)
         raise
-    _publish(store.read_json(store.key_of(result.report_uri)))
+    _publish(store.as_uris(store.read_json(store.key_of(result.report_uri))))
     return result

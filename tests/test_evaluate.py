@@ -80,10 +80,12 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dir):
 
 
 def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatch):
-    calls: dict[str, list] = {"markdown": [], "table": [], "event": [], "link": []}
-    monkeypatch.setattr(evaluate, "create_link_artifact", lambda link, **kw: calls["link"].append((link, kw)))
-    monkeypatch.setattr(evaluate, "create_markdown_artifact", lambda md, **kw: calls["markdown"].append((md, kw)))
-    monkeypatch.setattr(evaluate, "create_table_artifact", lambda table, **kw: calls["table"].append((table, kw)))
+    import prefect.artifacts
+
+    calls: dict[str, list] = {"markdown": [], "event": []}
+    record_markdown = lambda md, **kw: calls["markdown"].append((md, kw))  # noqa: E731
+    monkeypatch.setattr(evaluate, "create_markdown_artifact", record_markdown)
+    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", record_markdown)  # qlora_flow.artifacts'
     monkeypatch.setattr(evaluate, "emit_event", lambda **kw: calls["event"].append(kw))
     tiny_config.evaluation.gate.min_exact_match = 1.0
     r = run_inputs
@@ -98,11 +100,11 @@ def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatc
     assert event["resource"]["prefect.resource.name"] == tiny_config.publish.model_name
     assert event["resource"] == model_resource(tiny_config)  # store-qualified id, alias label
     assert event["payload"]["run_id"] == "run-b" and event["payload"]["tuned_metrics"] == report.tuned_metrics
-    [(table, _)] = calls["table"]
-    assert len(table) == 4 and set(table[0]) == {"prompt", "reference", "base", "tuned"}
+    [samples_md] = [md for md, kw in calls["markdown"] if kw["key"] == "eval-samples"]
+    assert samples_md.count("- reference: ") == 4 and samples_md.count("- tuned") == 4
     assert "Quality gate: FAILED" in calls["markdown"][0][0]
-    [(link, link_kw)] = calls["link"]
-    assert link.startswith("file://") and link.endswith(".png") and link_kw["key"] == "loss-curve"
+    [(loss_md, loss_kw)] = [(md, kw) for md, kw in calls["markdown"] if kw["key"] == "loss-curve"]
+    assert "file://" not in loss_md and f"| {r.adapter.loss_history[-1].step} | " in loss_md  # the curve's numbers
 
     tiny_config.evaluation.gate.min_exact_match = None
     calls["event"].clear()

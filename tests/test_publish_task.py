@@ -70,7 +70,8 @@ def test_publish_task_is_idempotent_and_announces(prefect_api, s3env, chat_jsonl
     assert manifest["flow_run_id"]  # the Prefect flow run that published it
 
     link = _artifacts("model-extractor")
-    assert link and link[0].type == "markdown" and f"]({first.model_uri})" in link[0].data
+    assert link and link[0].type == "markdown" and f"qlora-flow pull extractor:production ./extractor --store {store.root}" in link[0].data
+    assert "[manifest.json](http" in link[0].data  # presigned: the browser can open it
     markdown = _artifacts("published-extractor")
     assert markdown and first.manifest_uri in markdown[0].data
 

@@ -75,7 +75,7 @@ def test_unchanged_rerun_is_a_cache_hit_end_to_end(prefect_api, tiny_config, tmp
     assert _safetensors(store_root) == models_before
     assert _stored_bytes(store_root) - bytes_before < 200_000
     record = json.loads((store_root / "runs" / second.run_id / "same-as.json").read_text())
-    assert record["same_as_run"] == first.run_id and record["model_uri"] == first.published.model_uri
+    assert record["same_as_run"] == first.run_id and record["model_uri"] == f"runs/{first.run_id}/model"  # a key
     assert seconds < 30, f"unchanged re-run took {seconds:.1f} s"
     print(f"unchanged re-run of the tiny config: {seconds:.1f} s")
 
@@ -90,7 +90,7 @@ def test_unchanged_rerun_is_a_cache_hit_end_to_end(prefect_api, tiny_config, tmp
     store.write_json(f"models/{name}/production.json", {"run_id": "better-model"})
     store.write_json("runs/better-model/eval/report.json", {"tuned_metrics": {"exact_match": 1.0, "loss": 0.01}})
     state = qlora_pipeline(cfg, return_state=True)
-    assert state.is_completed() and state.name == "Rejected", state.message
+    assert state.is_failed() and state.name == "Rejected", state.message  # Failed-type: red in the runs list
     assert "production run better-model" in state.message
     assert measured == [] and merged == []
 

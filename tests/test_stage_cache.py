@@ -67,9 +67,11 @@ def test_unreadable_eval_entry_is_measured_again(tiny_config, run_inputs, caplog
     cfg, r = tiny_config, run_inputs
     first = evaluate.evaluate_adapter(cfg, r.store, "run-1", r.data, r.base, r.adapter)
     (r.store.path / entry_key("eval", first.fingerprint) / "entry.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="qlora_flow.stage_cache"):
+    with caplog.at_level(logging.WARNING):
         again = evaluate.evaluate_adapter(cfg, r.store, "run-2", r.data, r.base, r.adapter)
-    assert "is unreadable" in caplog.text
+    # its recorded size no longer matches: set aside in quarantine/, with a WARNING
+    assert "entry.json" in caplog.text and "quarantine/eval/" in caplog.text
+    assert list((r.store.path / "quarantine" / "eval").glob("*/*/entry/entry.json"))
     assert again.tuned_metrics == first.tuned_metrics
     entry = json.loads((r.store.path / entry_key("eval", first.fingerprint) / "entry.json").read_text())
     assert entry["tuned_metrics"] == first.tuned_metrics  # rewritten

@@ -252,5 +252,9 @@ def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, t
     # the Trainer gathers token counts over ranks: 2 ranks x half the batch = the same tokens per step
     assert ddp["tokens_seen"] == single.tokens_seen
     assert store.is_complete(f"{key}/adapter") and newest_complete_checkpoint(store, f"{key}/checkpoints")[0] == 4
+    # rank 0 commits after every rank saved: the marker records both ranks' RNG states, and they verify
+    listing = json.loads((store.path / key / "checkpoints/checkpoint-4/_COMPLETE").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= listing.keys()
+    assert store.verified(f"{key}/checkpoints/checkpoint-4") is not None
     first_loss = [p["loss"] for p in ddp["loss_history"]][0]
     assert first_loss == pytest.approx(single.loss_history[0].loss, rel=0.05)

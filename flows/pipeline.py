@@ -17,16 +17,24 @@ from qlora_flow.config import ConfigError, PipelineConfig
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.preflight import preflight
-from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import (
+    AdapterRef,
+    EvalReport,
+    GgufExport,
+    MergedModel,
+    PreparedBase,
+    PublishedModel,
+    ValidatedDataset,
+)
 from qlora_flow.run_config import resolve_and_record, resolve_run_config
 from qlora_flow.store import ArtifactStore, open_store
 from tasks.evaluate import evaluate_task
+from tasks.export_gguf import export_gguf_task
 from tasks.merge import merge_task
 from tasks.prepare_base import prepare_base_model_task
 from tasks.publish import MANIFEST_NAME, publish_task, run_key
 from tasks.train import train_adapter_task
 from tasks.validate import validate_dataset_task
-
 
 CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
 REJECTED = "Rejected"  # state name of a run whose candidate the quality gate rejected
@@ -41,6 +49,7 @@ class PipelineResult(BaseModel):
     adapter: AdapterRef
     report: EvalReport
     merged: MergedModel | None = None
+    gguf: GgufExport | None = None
     published: PublishedModel | None = None
 
 
@@ -124,12 +133,14 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Sta
         return Failed(name=REJECTED, message=result.message, data=result)
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
+    if config.export.gguf:
+        result.gguf = export_gguf_task(config, result.merged, data)
     if not config.publish.enabled:
         result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
         return result
     result.published = publish_task(
         config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
-        base=base,
+        base=base, gguf=result.gguf,
     )
     if result.published.same_as_run:
         # Every stage was a cache hit and the alias already serves this model: the run completes as Unchanged,

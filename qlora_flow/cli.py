@@ -130,8 +130,10 @@ def cmd_pull(args) -> int:
         from qlora_flow.preflight import check_s3_uri, quick_s3_client
 
         check_s3_uri(quick_s3_client(s3, "--endpoint-url"), "--store", args.store, "--endpoint-url")
-    report = pull_and_verify(args.store, name, alias, Path(args.dest), s3=s3)  # logs a WARNING for unlisted files
-    print(f"ok: {name}:{alias} -> {args.dest} ({report.summary()})")
+    part = "adapter" if args.adapter else "gguf" if args.format == "gguf" else "model"
+    report = pull_and_verify(args.store, name, alias, Path(args.dest), s3=s3, part=part)  # WARNING for unlisted files
+    what = "" if part == "model" else f" ({part})"
+    print(f"ok: {name}:{alias}{what} -> {args.dest} ({report.summary()})")
     return 0
 
 
@@ -153,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=os.environ.get("QLORA_FLOW_STORE", "artifacts"), help="store root or s3:// URI")
     p.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
     p.add_argument("--checksum-mode", default="when_supported", choices=["when_supported", "when_required"])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--adapter", action="store_true", help="fetch only the LoRA adapter (peft, vLLM, TGI)")
+    what.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                      help="merged model as safetensors (default) or the GGUF files")  # fmt: skip
     p.set_defaults(func=cmd_pull)
     add_schedule_parser(sub)
     return parser

@@ -38,7 +38,11 @@ class DataConfig(_Section):
         description="Training data: JSONL, JSON, CSV, Parquet or a `save_to_disk` directory; local path or s3:// URI.",
     )
     eval_path: str | None = Field(None, description="Held-out data. When empty, a seeded split of train_path is used.")
-    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "instruction"] = Field(
+        "auto",
+        description="Data shape: chat `messages` (OpenAI, with tool_calls/tool turns), ShareGPT `conversations` "
+        "({from, value}), prompt/completion or instruction/input/output; auto detects it from the columns.",
+    )
     column_mapping: dict[str, str] = Field(
         default_factory=dict,
         description="Rename source columns to the canonical names, e.g. {'question': 'prompt', 'answer': 'completion'}.",
@@ -81,6 +85,18 @@ class LoraSettings(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
     bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = Field(
+        False, description="DoRA (peft): a learned magnitude per output feature on top of the LoRA direction; "
+        "trains on the NF4 base, merges like LoRA, slower steps.",
+    )
+    use_rslora: bool = Field(False, description="rsLoRA (peft): scale the update by alpha/sqrt(r) instead of alpha/r.")
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="LoRA A initialisation (peft init_lora_weights): default (Kaiming-uniform) or gaussian. PiSSA "
+        "and LoftQ are not offered: peft 0.17-0.18 refuses PiSSA on a bitsandbytes 4-bit weight (it must run on the "
+        "16-bit base, whose residual is then re-quantized), and LoftQ on an NF4 base needs "
+        "replace_lora_weights_loftq with the unquantized shards, i.e. a different base per adapter.",
+    )
 
 
 class TrainingConfig(_Section):
@@ -166,6 +182,18 @@ class MergeConfig(_Section):
     )
 
 
+class ExportConfig(_Section):
+    gguf: list[Literal["f16", "q8_0"]] = Field(
+        default_factory=list,
+        description="Also write the verified merged model as GGUF (llama.cpp, Ollama, LM Studio), one file per type: "
+        "f16 must give the merged model's greedy answers; q8_0 is checked against q8_0_min_top1_agreement. "
+        "Llama-family models with a GPT-2 style BPE tokenizer only; others fail the stage with the reason.",
+    )
+    q8_0_min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Share of next-token argmaxes a q8_0 file must share with the merged model."
+    )
+
+
 class S3Settings(_Section):
     endpoint_url: str | None = Field(None, description="Set for MinIO or another S3-compatible server.")
     region: str | None = None
@@ -230,6 +258,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

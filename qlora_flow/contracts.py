@@ -1,8 +1,10 @@
 """The training-data contract, as pandera schemas over one chunk of rows.
 
-Rows arrive in one of three shapes (chat `messages`, prompt/completion, instruction/input/output).
-Each shape has an input schema; rows that pass are normalised to `messages` and exploded into a
-one-row-per-turn frame checked by TURNS; rendered token lengths are checked by `length_schema`.
+Rows arrive in one of four shapes (chat `messages`, ShareGPT `conversations`, prompt/completion,
+instruction/input/output). Each shape has an input schema; rows that pass are normalised to turns
+and exploded into a one-row-per-turn frame checked by TURNS (which also knows OpenAI-style tool
+calls and tool results), then folded into plain `messages`; rendered token lengths are checked by
+`length_schema`.
 Every check has a short name (the key of CHECKS) that ends up in quarantine reasons, the report
 and DataValidationError, so a failure always says which rule it broke.
 """
@@ -18,6 +20,14 @@ import pandera.pandas as pa
 from qlora_flow.errors import PermanentError
 
 ROLES = ("system", "user", "assistant")
+# A tool result is a turn of its own until the contract has checked it follows a call; stored
+# conversations then carry it inside a user turn (see tasks/validate.py: fold_tool_turns).
+TURN_ROLES = ROLES + ("tool",)
+# ShareGPT `from` -> role. function_call is the assistant calling a tool, observation its result.
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}  # fmt: skip
 
 # Check name -> what it means, phrased for the person fixing the data.
 CHECKS: dict[str, str] = {
@@ -26,13 +36,18 @@ CHECKS: dict[str, str] = {
     "missing_field": "required field is missing or null",
     "type": "field has the wrong type, expected a string",
     "messages_type": "`messages` must be a non-empty list of {role, content} objects",
+    "conversations_type": "`conversations` must be a non-empty list of {from, value} objects (ShareGPT)",
     "empty_content": "content is empty after stripping whitespace",
     "encoding": "text is not valid UTF-8 (undecodable bytes or U+FFFD left by an earlier lossy decode)",
     "control_chars": "text contains control characters (only \\n and \\t are allowed)",
-    "role": f"role must be one of {', '.join(ROLES)}",
+    "role": f"role must be one of {', '.join(TURN_ROLES)} (ShareGPT `from`: {', '.join(SHAREGPT_ROLES)})",
     "system_position": "a system turn may only be the first turn",
     "role_order": "turns after the optional system turn must alternate user, assistant, user, ...",
     "last_turn": "the last turn must come from the assistant",
+    "tool_call": "a tool call must be an object with a non-empty string `name` and JSON-object `arguments` "
+    "(OpenAI tool_calls[].function, or a ShareGPT function_call value)",
+    "tool_position": "a tool result must follow an assistant turn with tool calls (or another tool result)",
+    "tool_call_id": "tool_call_id names no call of the preceding assistant turn",
     "overlength": "rendered chat is longer than training.max_seq_length tokens",
     "duplicate": "exact duplicate of an earlier row",
     "near_duplicate": "duplicate of an earlier row after whitespace/case normalisation",
@@ -125,9 +140,14 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
     ),
 }
 
+INPUT_SCHEMAS["sharegpt"] = pa.DataFrameSchema(
+    {"conversations": pa.Column(None, nullable=False, checks=pa.Check(_is_turn_list, element_wise=True, name="conversations_type"))}
+)
+
 # Columns that identify each shape, in the order `format: auto` tries them.
 SHAPE_COLUMNS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
 }
@@ -137,12 +157,37 @@ def _system_first(turns: pd.DataFrame) -> pd.Series:
     return (turns["role"] != "system") | (turns["turn"] == 0)
 
 
+def _previous(turns: pd.DataFrame, column: str) -> pd.Series:
+    return turns.groupby("row")[column].shift(1)
+
+
 def _alternating(turns: pd.DataFrame) -> pd.Series:
-    # position among the row's non-system turns decides the expected role; unknown roles and
-    # misplaced system turns are reported by their own checks, not twice
-    position = (turns["role"] != "system").astype(int).groupby(turns["row"]).cumsum() - 1
+    # position among the row's non-system turns decides the expected role; a run of tool results
+    # takes one user slot. Unknown roles, misplaced system turns and tool results without a call
+    # are reported by their own checks, not twice.
+    role = turns["role"]
+    counted = (role != "system") & ~((role == "tool") & (_previous(turns, "role") == "tool"))
+    position = counted.astype(int).groupby(turns["row"]).cumsum() - 1
     expected = position.mod(2).map({0: "user", 1: "assistant"})
-    return ~turns["role"].isin(("user", "assistant")) | (turns["role"] == expected)
+    return ~role.isin(("user", "assistant", "tool")) | (role == expected) | ((role == "tool") & (expected == "user"))
+
+
+def _tool_after_call(turns: pd.DataFrame) -> pd.Series:
+    before = _previous(turns, "role")
+    return (turns["role"] != "tool") | (before == "tool") | ((before == "assistant") & _previous(turns, "has_calls").eq(True))
+
+
+def _known_call_id(turns: pd.DataFrame) -> pd.Series:
+    ids = zip(turns["tool_call_id"], turns["open_call_ids"])
+    return (turns["role"] != "tool") | pd.Series([i is None or i in open_ids for i, open_ids in ids], index=turns.index)
+
+
+def _valid_calls(calls: object) -> bool:
+    """None (no calls) or a list of {name: non-empty str, arguments: dict}."""
+    return calls is None or (
+        isinstance(calls, list)
+        and all(isinstance(c.get("name"), str) and c["name"].strip() and isinstance(c.get("arguments"), dict) for c in calls)
+    )
 
 
 def _assistant_last(turns: pd.DataFrame) -> pd.Series:
@@ -156,14 +201,21 @@ TURNS = pa.DataFrameSchema(
         "n_turns": pa.Column(int, pa.Check.ge(1)),
         "role": pa.Column(None, nullable=False, checks=[
             pa.Check(_is_str, element_wise=True, name="type"),
-            pa.Check(lambda x: not isinstance(x, str) or x in ROLES, element_wise=True, name="role"),
+            pa.Check(lambda x: not isinstance(x, str) or x in TURN_ROLES, element_wise=True, name="role"),
         ]),
         "content": _text(),
+        # the turn's tool calls normalised to {id, name, arguments} (None: no calls)
+        "tool_calls": pa.Column(None, nullable=True, checks=pa.Check(_valid_calls, element_wise=True, name="tool_call")),
+        "tool_call_id": pa.Column(None, nullable=True),
+        "has_calls": pa.Column(bool),
+        "open_call_ids": pa.Column(None),  # ids of the calls of the assistant turn before this one
     },
     checks=[
         pa.Check(_system_first, name="system_position"),
         pa.Check(_alternating, name="role_order"),
         pa.Check(_assistant_last, name="last_turn"),
+        pa.Check(_tool_after_call, name="tool_position"),
+        pa.Check(_known_call_id, name="tool_call_id"),
     ],
 )
 

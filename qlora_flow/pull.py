@@ -27,7 +27,8 @@ from qlora_flow.store import ArtifactStore, LocalStore
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-_MODEL_PART = "model/"
+# what `pull` can fetch: a part of the run's manifest (its top-level directory)
+PARTS = {"model": "the merged model", "adapter": "the LoRA adapter", "gguf": "the GGUF files"}
 _TEMP_MARK = ".pull-"  # in the names of our temporary files: `.<name>.pull-<random>`
 
 
@@ -51,13 +52,13 @@ class PullReport:
         return f"{self.checked} files checked, {len(self.downloaded)} restored: {names}"
 
 
-def _model_files(manifest: dict) -> dict[str, dict]:
-    """Path inside the model directory -> manifest entry; refuses paths that would leave it."""
+def _model_files(manifest: dict, part: str) -> dict[str, dict]:
+    """Path inside the part's directory -> manifest entry; refuses paths that would leave it."""
     files = {}
     for entry in manifest["files"]:
-        if not entry["path"].startswith(_MODEL_PART):
+        if not entry["path"].startswith(part + "/"):
             continue
-        rel = entry["path"][len(_MODEL_PART):]
+        rel = entry["path"][len(part) + 1:]
         parts = PurePosixPath(rel).parts
         if not rel or rel.startswith("/") or ".." in parts:
             raise PullError(f"manifest of run {manifest['run_id']} lists an unsafe path {entry['path']!r}")
@@ -65,7 +66,7 @@ def _model_files(manifest: dict) -> dict[str, dict]:
             raise PullError(f"the model itself holds a {MANIFEST_NAME}; refusing to overwrite it with the manifest")
         files[rel] = entry
     if not files:
-        raise PullError(f"manifest of run {manifest['run_id']} lists no model files")
+        raise PullError(f"manifest of run {manifest['run_id']} lists no {part} files ({PARTS[part]} was not published)")
     return files
 
 
@@ -147,14 +148,20 @@ def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactSto
     return LocalStore(store_uri)
 
 
-def pull_model(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> Path:
-    """Download name:alias into dest, or restore a dest that holds it (see pull_and_verify); returns dest."""
-    return pull_and_verify(store_uri, name, alias, dest, s3).dest
+def pull_model(
+    store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None, part: str = "model"
+) -> Path:
+    """Download one part of name:alias (model, adapter or gguf files) into dest, or restore a dest that
+    holds it (see pull_and_verify); returns dest."""
+    return pull_and_verify(store_uri, name, alias, dest, s3, part).dest
 
 
-def pull_and_verify(store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None) -> PullReport:
-    """Download name:alias into dest (model files plus manifest.json), or bring a dest that already
-    holds this run back to what the manifest lists; the report says what was checked and downloaded."""
+def pull_and_verify(
+    store_uri: str, name: str, alias: str, dest: Path, s3: S3Settings | None = None, part: str = "model"
+) -> PullReport:
+    """Download one part of name:alias (model, adapter or gguf files) plus manifest.json into dest, or bring
+    a dest that already holds it back to what the manifest lists; the report says what was checked and
+    downloaded."""
     dest = Path(dest).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
@@ -175,7 +182,7 @@ def pull_and_verify(store_uri: str, name: str, alias: str, dest: Path, s3: S3Set
 
         run = manifest_key.rsplit("/", 1)[0]
         label = f"{name}:{alias} (run {manifest['run_id']})"
-        model_files = _model_files(manifest)
+        model_files = _model_files(manifest, part)
         if dest.exists() and not dest.is_dir():
             raise PullError(f"{dest} is a file; choose a directory to pull into")
         if dest.exists() and any(dest.iterdir()):

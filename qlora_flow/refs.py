@@ -83,6 +83,12 @@ class MergedModel(_Ref):
     verification: dict[str, float | bool | int | str]
 
 
+class GgufExport(_Ref):
+    uri: str = Field(description="Directory of the GGUF files (runs/<run>/gguf).")
+    files: dict[str, str] = Field(description="GGUF type (f16, q8_0) -> file name in that directory.")
+    verification: dict[str, dict[str, float | int | bool]]
+
+
 class PublishedModel(_Ref):
     run_uri: str
     manifest_uri: str

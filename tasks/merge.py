@@ -259,6 +259,8 @@ def model_card(
                 "alpha": lora["lora_alpha"],
                 "dropout": lora["lora_dropout"],
                 "target_modules": sorted(lora["target_modules"]),
+                "use_dora": bool(lora.get("use_dora")),
+                "use_rslora": bool(lora.get("use_rslora")),
                 "trainable_parameters": adapter.trainable_parameters,
             },
             "training": {

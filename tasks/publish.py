@@ -23,6 +23,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
+import yaml
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -37,7 +38,15 @@ from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.model_events import model_resource
 from qlora_flow.pull import stored_key
-from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, PublishedModel, ValidatedDataset
+from qlora_flow.refs import (
+    AdapterRef,
+    EvalReport,
+    GgufExport,
+    MergedModel,
+    PreparedBase,
+    PublishedModel,
+    ValidatedDataset,
+)
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
 from tasks.train import recipe_fingerprint
 
@@ -88,7 +97,8 @@ def _under(key: str, prefix: str) -> bool:
 
 
 def _plan(
-    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset
+    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
+    gguf: GgufExport | None = None,
 ) -> dict[str, str]:
     """Destination path (relative to the run) -> source key, for every file the run publishes."""
     model = store.key_of(merged.uri)
@@ -109,6 +119,10 @@ def _plan(
             plan[f"{part}/{PurePosixPath(key).name}"] = key
 
     add_tree(model, "model")
+    if gguf is not None:
+        if not store.is_complete(store.key_of(gguf.uri)):
+            raise PublishError(f"GGUF export {gguf.uri} is missing or was never completed")
+        add_tree(store.key_of(gguf.uri), "gguf")
     add_tree(_tree(store, adapter.uri), "adapter", skip=store.key_of(adapter.checkpoint_uri))
     add_tree(_tree(store, report.uri), "eval")
     add_file(report.samples_uri, "eval")
@@ -119,9 +133,35 @@ def _plan(
     return plan
 
 
+def adapter_card(cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter: AdapterRef, base: PreparedBase) -> str:
+    """README of the published adapter: which base it belongs on, and how to load or serve it."""
+    lora = json.loads(store.read_bytes(f"{store.key_of(adapter.uri)}/adapter_config.json"))
+    metadata = {
+        "base_model": base.model_id,
+        "library_name": "peft",
+        "tags": ["lora", "qlora", "qlora-flow"],
+        "qlora_flow": {
+            "run_id": run_id,
+            "base_model_source": base.model_id,
+            "base_fingerprint": base.fingerprint,
+            "adapter_fingerprint": adapter.fingerprint,
+            "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora")},
+        },
+    }
+    body = (
+        f"# {cfg.publish.model_name} LoRA adapter (run `{run_id}`)\n\n"
+        f"Trained with QLoRA on the NF4-quantized `{base.model_id}`; apply it to that model's 16-bit weights "
+        f"(base fingerprint `{base.fingerprint}`), which is what `model/` of this run is merged from.\n\n"
+        "- peft: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER_DIR)`\n"
+        "- vLLM: `vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER_DIR`\n"
+        "- TGI: `--lora-adapters NAME=ADAPTER_DIR`\n"
+    )
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
+
+
 def publication_fingerprint(
     cfg: PipelineConfig, *, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
-    base: PreparedBase,
+    base: PreparedBase, gguf: GgufExport | None = None,
 ) -> str | None:
     """What a publication's content follows from: model, adapter, data, base, recipe, measured numbers and
     publish settings. None when the evaluation carries no fingerprint: such a run is never taken as a repeat."""
@@ -130,6 +170,7 @@ def publication_fingerprint(
     return combine(
         "publication", merged.fingerprint, adapter.fingerprint, data.fingerprint, base.fingerprint,
         recipe_fingerprint(cfg), report.fingerprint, cfg.publish,
+        *([{"gguf": sorted(gguf.files)}] if gguf else []),  # GGUF files turned on make a new publication
     )  # fmt: skip
 
 
@@ -145,6 +186,7 @@ def build_manifest(
     base: PreparedBase,
     flow_run_id: str | None,
     stored_at: dict[str, str] | None = None,
+    gguf: GgufExport | None = None,
 ) -> dict:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -179,7 +221,7 @@ def build_manifest(
             "evaluation": {"fingerprint": report.fingerprint},
             "publication": {
                 "fingerprint": publication_fingerprint(
-                    cfg, merged=merged, adapter=adapter, report=report, data=data, base=base
+                    cfg, merged=merged, adapter=adapter, report=report, data=data, base=base, gguf=gguf
                 )
             },
             "config": redact(cfg.model_dump(mode="json")),
@@ -265,10 +307,11 @@ def publish_run(
     data: ValidatedDataset,
     base: PreparedBase,
     flow_run_id: str | None = None,
+    gguf: GgufExport | None = None,
 ) -> PublishedModel:
     run = run_key(run_id)
     manifest_key = f"{run}/{MANIFEST_NAME}"
-    fingerprint = publication_fingerprint(cfg, merged=merged, adapter=adapter, report=report, data=data, base=base)
+    fingerprint = publication_fingerprint(cfg, merged=merged, adapter=adapter, report=report, data=data, base=base, gguf=gguf)
     served = _served_publication(store, cfg, fingerprint) if report.verdict.passed else None
     if served is not None and served[0]["run_id"] != run_id and not store.exists(manifest_key):
         # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
@@ -289,13 +332,18 @@ def publish_run(
             files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
         )  # fmt: skip
 
-    plan = _plan(store, merged, adapter, report, data)
+    plan = _plan(store, merged, adapter, report, data, gguf)
+    # the adapter is served as it is (vLLM/TGI LoRA modules): its README names the base it belongs on
+    card, card_key = adapter_card(cfg, store, run_id, adapter, base).encode(), f"{run}/adapter/README.md"
+    if _info_or_none(store, card_key) != (len(card), hashlib.sha256(card).hexdigest()):  # publishing again writes nothing
+        store.write_bytes(card_key, card)
+    plan["adapter/README.md"] = card_key
     sources = {dst: store.file_info(src) for dst, src in plan.items()}
     # a merged model reused from an earlier run (qlora_flow.stage_cache) stays where it is; the manifest says where
     stored_at = {dst: src for dst, src in plan.items() if dst.startswith("model/") and src != f"{run}/{dst}"}
     manifest = build_manifest(
         cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id,
-        stored_at=stored_at,
+        stored_at=stored_at, gguf=gguf,
     )
 
     if store.exists(manifest_key):
@@ -405,6 +453,7 @@ def publish_task(
     report: EvalReport,
     data: ValidatedDataset,
     base: PreparedBase,
+    gguf: GgufExport | None = None,
 ) -> PublishedModel:
     logger = get_run_logger()
     # keyed on store + run: a second publish of the same run returns the recorded result untouched,
@@ -419,7 +468,7 @@ def publish_task(
                 return record.result
         published = publish_run(
             cfg, store, run_id, merged=merged, adapter=adapter, report=report, data=data, base=base,
-            flow_run_id=flow_run.get_id(),
+            flow_run_id=flow_run.get_id(), gguf=gguf,
         )
         txn.stage(published)
     if published.same_as_run:

@@ -37,6 +37,7 @@ from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
 from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
@@ -50,11 +51,17 @@ _NON_RESULT_TRAINING_FIELDS = {
     "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
 }
 
+_LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
+
 
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
     """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
     training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
-    return combine("recipe", cfg.lora, training, cfg.quantization)
+    lora = cfg.lora.model_dump(mode="json")
+    for name, default in _LORA_VARIANT_DEFAULTS.items():
+        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
+            del lora[name]
+    return combine("recipe", lora, training, cfg.quantization)
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
@@ -253,6 +260,9 @@ def run_training(
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias=cfg.lora.bias,
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
         task_type="CAUSAL_LM",
     )
 
@@ -382,7 +392,7 @@ def run_training_in_child(
     with tempfile.TemporaryDirectory(prefix="qlora-train-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         project_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = project_root + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.Popen(
@@ -455,6 +465,7 @@ def _child_main(spec_path: str, result_path: str) -> None:
     # force: importing Prefect already gave the root logger a WARNING-level handler, which swallowed the
     # INFO lines (the training plan, resume points) that the parent streams into the Prefect run's logs.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    exit_with_parent()  # a SIGKILLed flow process must not leave this training holding the GPU
     spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,6 +1,6 @@
 """Stage 1: validate the training data and cut it into train/eval splits.
 
-Reads every supported source in chunks, normalises the three data shapes to `messages`,
+Reads every supported source in chunks, normalises the four data shapes to `messages`,
 enforces the pandera contract (qlora_flow.contracts), drops duplicates and eval leakage, and
 writes `train.parquet`, `eval.parquet`, `quarantine.jsonl` and `report.json` under
 `cache/data/<fingerprint>/`. Every input row ends up in exactly one of train, eval or quarantine.
@@ -11,6 +11,13 @@ entry. It is known only after the pass, so the pass writes into a staging direct
 pointer `cache/data-sources/<hash of the source bytes>.json` lets an unchanged file skip the
 pass entirely. Pass/fail is re-derived from report.json on every call, so thresholds can change
 without invalidating the cache. A cache hit reports the files of the run that produced it.
+
+Tool calls (OpenAI `tool_calls`/`tool` turns, ShareGPT `function_call`/`observation` turns) are
+checked as turns of their own, then stored the way training sees them, as text any chat template
+renders (SmolLM2's template knows only role and content): an assistant turn's calls follow its
+text as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` blocks, and the tool results
+after a call become one user turn of `<tool_response>\n...\n</tool_response>` blocks (Hermes /
+Qwen2.5 convention). Call ids only serve the check that a result answers a call; they are dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from qlora_flow.contracts import (
     CHECKS,
     INPUT_SCHEMAS,
     SHAPE_COLUMNS,
+    SHAREGPT_ROLES,
     TURNS,
     DataValidationError,
     failures,
@@ -121,9 +129,62 @@ def _detect_shape(data: DataConfig, chunk: list[RawRow], uri: str) -> str:
     )
 
 
+def _arguments(value: object) -> object:
+    """Call arguments as an object: OpenAI sends them as a JSON string, ShareGPT sets often as an object."""
+    if isinstance(value, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(value)
+    return value
+
+
+def _call(item: object, call_id: object = None) -> dict:
+    item = item if isinstance(item, dict) else {"arguments": item}  # not an object: fails the tool_call check
+    return {"id": call_id, "name": item.get("name"), "arguments": _arguments(item.get("arguments"))}
+
+
+def _openai_calls(value: object) -> list[dict] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        return [_call(value)]
+    return [_call(c.get("function") if isinstance(c, dict) else c, c.get("id") if isinstance(c, dict) else None) for c in value]
+
+
+def _sharegpt_calls(value: object) -> list[dict]:
+    """A function_call turn's value: the JSON of one call or of a list of calls (parallel calls)."""
+    parsed = _arguments(value)
+    return [_call(item) for item in (parsed if isinstance(parsed, list) else [parsed])]
+
+
+def _with_calls(text: object, calls: list[dict] | None) -> object:
+    """The assistant turn as training sees it: its text, then one <tool_call> block per call."""
+    if not calls or not (text is None or isinstance(text, str)):
+        return text
+    blocks = [
+        "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) + "\n</tool_call>"
+        for c in calls
+    ]
+    return "\n".join(([text.strip()] if text and text.strip() else []) + blocks)
+
+
+def _turn(role: object, content: object, calls: list[dict] | None = None, call_id: object = None) -> dict:
+    return {"role": role, "content": _with_calls(content, calls), "tool_calls": calls, "tool_call_id": call_id}
+
+
 def _to_messages(shape: str, row: dict) -> Messages:
     if shape == "messages":
-        return [{"role": t.get("role"), "content": t.get("content")} for t in row["messages"]]
+        return [
+            _turn(t.get("role"), t.get("content"), _openai_calls(t.get("tool_calls")), t.get("tool_call_id"))
+            for t in row["messages"]
+        ]
+    if shape == "sharegpt":
+        turns = []
+        for t in row["conversations"]:
+            source = t.get("from")
+            role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
+            calls = _sharegpt_calls(t.get("value")) if source == "function_call" else None
+            turns.append(_turn(role, None if calls else t.get("value"), calls))
+        return turns
     if shape == "prompt_completion":
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     context = row.get("input")
@@ -152,8 +213,9 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
             chunk.reject(i, row.error[0], None, row.error[1])
         else:
             records[i] = {data.column_mapping.get(k, k): v for k, v in row.value.items()}
-            if text_cells and shape == "messages":
-                records[i]["messages"] = _decode_json_cell(records[i].get("messages"))
+            if text_cells and shape in ("messages", "sharegpt"):
+                column = SHAPE_COLUMNS[shape][0]
+                records[i][column] = _decode_json_cell(records[i].get(column))
     cells = [{k: mark_invalid_utf8(v) for k, v in r.items()} for r in records.values()]
     # every schema column must exist in the frame, or a chunk lacking one would pass unchecked;
     # object dtype keeps values as read, so a type check sees an int as an int
@@ -165,28 +227,68 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
         if not chunk.reasons[i]:
             messages = _to_messages(shape, record)
             if data.system_prompt and messages[0].get("role") != "system":
-                messages.insert(0, {"role": "system", "content": data.system_prompt})
+                messages.insert(0, _turn("system", data.system_prompt))
             chunk.messages[i] = messages
     return chunk
 
 
-def _check_turns(chunk: _Chunk) -> None:
-    cols: dict[str, list] = {"row": [], "turn": [], "n_turns": [], "role": [], "content": []}
+# how a turn column is called in each chat shape, for quarantine reasons
+_FIELD_NAMES = {
+    "sharegpt": ("conversations", {"role": "from", "content": "value", "tool_calls": "value"}),
+    "messages": ("messages", {}),
+}
+# frame-wide checks are about one field of the failing turn
+_CHECK_FIELDS = {"tool_call_id": "tool_call_id"}
+
+
+def _check_turns(chunk: _Chunk, shape: str) -> None:
+    """The TURNS contract over every turn of the chunk, then tool turns folded into stored messages."""
+    cols: dict[str, list] = {k: [] for k in ("row", "turn", "n_turns", "role", "content", "tool_calls", "tool_call_id", "has_calls", "open_call_ids")}
     for i, messages in enumerate(chunk.messages):
+        open_ids: frozenset = frozenset()
         for t, turn in enumerate(messages or ()):
+            calls = turn.get("tool_calls")
             cols["row"].append(i)
             cols["turn"].append(t)
             cols["n_turns"].append(len(messages))
             cols["role"].append(mark_invalid_utf8(turn["role"]))
             cols["content"].append(mark_invalid_utf8(turn["content"]))
-    turns = pd.DataFrame({k: pd.Series(v, dtype=object if k in ("role", "content") else "int64") for k, v in cols.items()})
+            cols["tool_calls"].append(calls)
+            cols["tool_call_id"].append(turn.get("tool_call_id"))
+            cols["has_calls"].append(bool(calls))
+            cols["open_call_ids"].append(open_ids)
+            if turn["role"] != "tool":
+                open_ids = frozenset(c.get("id") for c in calls if c.get("id") is not None) if calls else frozenset()
+    turns = pd.DataFrame({
+        k: pd.Series(v, dtype="int64" if k in ("row", "turn", "n_turns") else bool if k == "has_calls" else object)
+        for k, v in cols.items()
+    })  # fmt: skip
+    prefix, names = _FIELD_NAMES.get(shape, ("messages", {}))
     for case in failures(TURNS, turns):
         turn = turns.loc[case.index]
-        where = f"messages[{turn['turn']}]"
+        where = f"{prefix}[{turn['turn']}]"
         if case.column:
-            chunk.reject(turn["row"], case.check, f"{where}.{case.column}", f"{CHECKS[case.check]} (got {_got(case.value)})")
+            field_name = names.get(case.column, case.column)
+            chunk.reject(turn["row"], case.check, f"{where}.{field_name}", f"{CHECKS[case.check]} (got {_got(case.value)})")
         else:
-            chunk.reject(turn["row"], case.check, f"{where}.role", f"{CHECKS[case.check]} (turn {turn['turn']} is {turn['role']!r})")
+            field_name = names.get("role", "role") if case.check not in _CHECK_FIELDS else _CHECK_FIELDS[case.check]
+            chunk.reject(turn["row"], case.check, f"{where}.{field_name}", f"{CHECKS[case.check]} (turn {turn['turn']} is {turn['role']!r})")
+    chunk.messages = [fold_tool_turns(m) if m is not None else None for m in chunk.messages]
+
+
+def fold_tool_turns(turns: Messages) -> Messages:
+    """Checked turns -> stored messages: role and content only, each run of tool results one user turn."""
+    messages: Messages = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "tool":
+            messages.append({"role": turn["role"], "content": turn["content"]})
+            continue
+        block = f"<tool_response>\n{turn['content']}\n</tool_response>"
+        if i and turns[i - 1]["role"] == "tool":
+            messages[-1]["content"] += "\n" + block
+        else:
+            messages.append({"role": "user", "content": block})
+    return messages
 
 
 # ---------------------------------------------------------------- token lengths
@@ -343,11 +445,12 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
             for shape, rows in _chunks(cfg, source):
                 n_rows += len(rows)
                 chunk = _normalise(cfg.data, shape, rows, text_cells=source.fmt == "csv")
+                _check_turns(chunk, shape)
+                # after folding, so the same conversations in any chat shape hash the same
                 digests += [
                     _digest(source.split + "\x1d" + _canonical(m if m is not None else r.value))
                     for r, m in zip(chunk.rows, chunk.messages)
                 ]
-                _check_turns(chunk)
                 truncated, dropped = _check_lengths(chunk, lengths, cfg.data.overlength_policy)
                 totals["truncated"] += truncated
                 totals["dropped"] += dropped

@@ -33,6 +33,7 @@ def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_con
 
     cfg = tiny_config
     cfg.execution.isolate_gpu_stages = True  # the production path: training in a child process
+    cfg.export.gguf = ["f16"]
     state = qlora_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -67,6 +68,7 @@ def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_con
     assert alias["run_id"] == result.run_id
     listed = {f["path"] for f in manifest["files"]}
     assert any(p.startswith("model/") and p.endswith(".safetensors") for p in listed)
+    assert {"gguf/model-f16.gguf", "adapter/README.md"} <= listed and result.gguf.verification["f16"]["greedy_identical"] == 2
     assert manifest["lineage"]["data"]["fingerprint"] == result.data.fingerprint
     assert manifest["lineage"]["base_model"]["fingerprint"] == result.base.fingerprint
 

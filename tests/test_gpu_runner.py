@@ -7,8 +7,10 @@ import sys
 import time
 from itertools import combinations
 
+import gpu_env_probe
 import pytest
 from prefect import flow, task
+from prefect.client.orchestration import get_client
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import (
@@ -18,16 +20,24 @@ from qlora_flow.gpu_runner import (
     gpu_lease,
     gpus_needed,
     host_gpu_count,
+    slot_name,
     use_leased_gpu,
 )
+from qlora_flow.gpu_locks import LOCK_DIR_ENV
+
+
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path, monkeypatch):
+    """Each test its own GPU locks; pool processes inherit the variable."""
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
 
 
 @task(tags=["gpu"])
 def hold_gpu(seconds: float) -> tuple[str, float, float]:
     started = time.time()
     time.sleep(seconds)
-    # the index use_leased_gpu makes current for in-process CUDA work
-    assert os.environ[LEASED_GPU_ENV] == os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]
+    # the index use_leased_gpu makes current: CUDA starts after the variable is set, the first leased GPU is 0
+    assert os.environ[LEASED_GPU_ENV] == "0"
     return os.environ["CUDA_VISIBLE_DEVICES"], started, time.time()
 
 
@@ -55,22 +65,24 @@ def test_gpu_tasks_get_distinct_gpus_and_never_overlap():
 
 
 @task(tags=["gpu"])
-def first_cuda_use(cfg: PipelineConfig) -> tuple[int, str, str]:
-    """(pid, this task's GPUs, the GPUs a CUDA init would see): CUDA reads the variable once per process."""
+def first_cuda_use(cfg: PipelineConfig) -> tuple[int, str, str, str]:
+    """(pid, this task's GPUs, the GPUs a CUDA init would see, those its module's import saw): CUDA reads
+    the variable once per process, and importing a task's module (peft) may already initialise it."""
     devices = os.environ["CUDA_VISIBLE_DEVICES"]
-    return os.getpid(), devices, sys.__dict__.setdefault("fake_cuda_devices", devices)
+    return os.getpid(), devices, sys.__dict__.setdefault("fake_cuda_devices", devices), gpu_env_probe.DEVICES_AT_IMPORT
 
 
 @flow(task_runner=GpuTaskRunner(gpus=2, host="fresh-host", max_workers=1))
-def two_in_a_row() -> list[tuple[int, str, str]]:
+def two_in_a_row() -> list[tuple[int, str, str, str]]:
     pair, one = (PipelineConfig.model_validate({"execution": {"gpus": n}}) for n in (2, 1))
     return [first_cuda_use.submit(pair).result(), first_cuda_use.submit(one).result()]
 
 
-def test_each_gpu_task_starts_cuda_in_a_fresh_process():
-    (pid1, devices1, seen1), (pid2, devices2, seen2) = two_in_a_row()
+def test_each_gpu_task_starts_cuda_in_a_fresh_process_that_sees_only_its_gpus():
+    (pid1, devices1, seen1, imported1), (pid2, devices2, seen2, imported2) = two_in_a_row()
     assert (devices1, devices2) == ("0,1", "0")
     assert pid1 != pid2 and (seen1, seen2) == (devices1, devices2), "the second task saw the first one's GPUs"
+    assert (imported1, imported2) == (devices1, devices2), "the task's module was imported before its GPUs were set"
 
 
 def test_gpus_needed_reads_tag_and_config():
@@ -87,18 +99,23 @@ def test_host_gpu_count_env_overrides_config(monkeypatch):
     assert host_gpu_count(PipelineConfig.model_validate({"execution": {"host_gpus": 5}}).execution) == 5
 
 
+def shown_slots(host: str, total: int) -> list[int]:
+    """Active slots of the GPUs' global concurrency limits, as the Prefect UI's Concurrency page shows them."""
+    with get_client(sync_client=True) as client:
+        return [client.read_global_concurrency_limit_by_name(slot_name(host, i)).active_slots for i in range(total)]
+
+
 @flow
-def nested_leases() -> tuple[list[int], list[int]]:
-    from qlora_flow.gpu_runner import ensure_gpu_slots
-
-    ensure_gpu_slots("pair-host", 4)
+def nested_leases() -> tuple[list[int], list[int], list[int], list[int]]:
     with gpu_lease("pair-host", 4, 2) as first, gpu_lease("pair-host", 4, 2) as second:
-        return first, second
+        while_held = shown_slots("pair-host", 4)
+    return first, second, while_held, shown_slots("pair-host", 4)
 
 
-def test_multi_gpu_leases_take_whole_aligned_groups():
-    first, second = nested_leases()
+def test_multi_gpu_leases_take_whole_aligned_groups_and_show_in_the_ui():
+    first, second, while_held, after = nested_leases()
     assert sorted([first, second]) == [[0, 1], [2, 3]]
+    assert (while_held, after) == ([1, 1, 1, 1], [0, 0, 0, 0])
 
 
 def test_lease_larger_than_host_is_refused():
@@ -128,7 +145,7 @@ def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_lease
     import socket
     from threading import Thread
 
-    from qlora_flow.gpu_runner import ensure_gpu_slots, flow_gpu_lease
+    from qlora_flow.gpu_runner import flow_gpu_lease
 
     monkeypatch.setenv(GPU_COUNT_ENV, "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -162,7 +179,6 @@ def test_pipeline_runs_on_one_host_take_turns_on_its_gpus_through_the_same_lease
     monkeypatch.setenv(GPU_COUNT_ENV, "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     host = socket.gethostname()
-    ensure_gpu_slots(host, 2)
     with gpu_lease(host, 2, 1) as taken:  # another run holds the first of the two
         with flow_gpu_lease(execution, "cuda") as ids:
             assert (taken, ids) == ([0], [1])
@@ -183,3 +199,73 @@ def test_a_gpu_task_makes_its_leased_gpu_current_for_in_process_cuda(monkeypatch
     assert use_leased_gpu() is None and current == []  # not a GpuTaskRunner task: nothing to do
     monkeypatch.setenv(LEASED_GPU_ENV, "1")
     assert use_leased_gpu() == 1 and current == [1]
+
+
+@task(tags=["gpu"])
+def devices_and_shown_slots() -> tuple[str, list[int]]:
+    return os.environ["CUDA_VISIBLE_DEVICES"], shown_slots("busy-host", 1)
+
+
+@flow(task_runner=GpuTaskRunner(gpus=1, host="busy-host"))
+def one_gpu_task() -> tuple[str, list[int]]:
+    return devices_and_shown_slots.submit().result()
+
+
+def test_a_gpu_task_waits_for_a_held_gpu_with_one_info_line_naming_the_holder(prefect_api, caplog):
+    """On a server set with temporary settings (as tests and `deployments.local` do): the lease shows there."""
+    import logging
+    import threading
+
+    from qlora_flow.gpu_locks import hold_gpus
+
+    held = threading.Event()
+
+    def other_run() -> None:
+        """Holds the GPU until the task has waited a while (the test reads the log, the lease does not)."""
+        with hold_gpus("busy-host", 1, 1, {"flow_run_id": "the-other-run"}):
+            held.set()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any("waiting for" in r.getMessage() for r in caplog.records):
+                time.sleep(0.1)
+            time.sleep(2.0)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(5)
+    with caplog.at_level(logging.INFO):
+        assert one_gpu_task() == ("0", [1])
+    holder.join(5)
+    waiting = [r for r in caplog.records if "waiting for 1 GPU of host busy-host" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].levelno == logging.INFO
+    assert "flow run the-other-run" in waiting[0].getMessage() and f"pid {os.getpid()}" in waiting[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@task(tags=["gpu"])
+def never_gets_its_gpu() -> None:
+    raise AssertionError("ran on a GPU that another run holds")
+
+
+WAITING: list = []  # a flow's parameters are copies
+
+
+@flow
+def fails_while_a_task_waits_for_a_gpu() -> None:
+    with GpuTaskRunner(gpus=1, host="held-host") as runner:
+        WAITING.append(runner.submit(never_gets_its_gpu, {}))
+        time.sleep(2.0)  # the task is waiting for the GPU now
+        raise RuntimeError("a sibling task failed")
+
+
+def test_a_failing_flow_stops_waiting_for_gpus():
+    """The sweep's runner block exits on an error without waiting for GPUs that another run holds."""
+    from qlora_flow.gpu_locks import LeaseCancelled, hold_gpus
+
+    with hold_gpus("held-host", 1, 1):
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="a sibling task failed"):
+            fails_while_a_task_waits_for_a_gpu()
+        assert time.monotonic() - started < 60
+        with pytest.raises(LeaseCancelled, match="stopped waiting for 1 GPU of host held-host"):
+            WAITING.pop().result(timeout=5)
+

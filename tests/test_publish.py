@@ -62,12 +62,15 @@ def test_publish_layout_manifest_and_alias(s3env, s3_cfg, tmp_path):
         *(f"model/{p}" for p in run.model_files),
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
+        "adapter/README.md",  # written by publish: the base the adapter belongs on
         "eval/report.json",
         "eval/samples.jsonl",
         "data-report/report.json",
         "data-report/quarantine.jsonl",
     }
-    assert published.files == 10
+    assert published.files == 11
+    card = s3env.objects("store/runs/run-1/adapter/README.md")["store/runs/run-1/adapter/README.md"].decode()
+    assert "base_fingerprint: base-fp" in card and "base_model: tiny-llama" in card
     assert published.total_bytes == manifest["total_bytes"] == sum(f["size"] for f in manifest["files"])
     assert published.alias_moved and published.alias_uri == f"s3://{s3env.bucket}/store/models/extractor/production.json"
     lineage = manifest["lineage"]
@@ -236,7 +239,7 @@ def test_local_store_publish_and_pull(tmp_path, chat_jsonl):
     store = LocalStore(tmp_path / "store")
     run = stage_run(store, "local-1", model_mib=1)
     published = publish_run(cfg, store, "local-1", **run.refs)
-    assert published.alias_moved and published.files == 10
+    assert published.alias_moved and published.files == 11
     pulled = pull_model(str(tmp_path / "store"), cfg.publish.model_name, "production", tmp_path / "pulled")
     assert {p.name: p.read_bytes() for p in pulled.iterdir() if p.name != "manifest.json"} == run.model_files
 

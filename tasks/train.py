@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
 from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
@@ -503,7 +504,7 @@ def training_lock(name: str) -> Iterator[None]:
         yield
 
 
-@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
+@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
     progress = TrainingProgressArtifact()

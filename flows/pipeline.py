@@ -13,10 +13,11 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
-from qlora_flow.config import ConfigError, PipelineConfig, check_local_inputs
+from qlora_flow.config import ConfigError, PipelineConfig
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.layout import CLAIM_NAME, MANIFEST_NAME, run_key
+from qlora_flow.preflight import preflight
 from qlora_flow.refs import (
     AdapterRef,
     EvalReport,
@@ -103,7 +104,7 @@ def qlora_pipeline(
     sets dotted keys on top, e.g. {"training.max_steps": 10}."""
     logger = get_run_logger()
     config = resolve_and_record(config, overrides)
-    check_local_inputs(config)
+    preflight(config, quick=False)  # a config that cannot work fails here, before any stage or task retry
     run_id = _run_id(config)
     claim_run_id(open_store(config.execution), run_id)  # before any stage writes under the run id
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)

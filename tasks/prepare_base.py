@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import combine
 from qlora_flow.hardware import compute_plan
 from qlora_flow.layout import base_full_key, base_nf4_key
@@ -146,6 +147,6 @@ def _parameter_count(model_dir) -> int:
 
 # No Prefect cache: the stage is content-addressed itself (a changed model file must never hit a config-keyed
 # cache), and finding both checkpoints already stored costs one hash of the source.
-@task(name="prepare_base_model", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="prepare_base_model", retries=1, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def prepare_base_model_task(cfg: PipelineConfig) -> PreparedBase:
     return prepare_base_model(cfg, open_store(cfg.execution))

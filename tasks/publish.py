@@ -34,6 +34,7 @@ from prefect.transactions import transaction
 
 from qlora_flow.artifacts import publish_model_link
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import MANIFEST_NAME, SAME_AS_NAME, alias_key, run_key
 from qlora_flow.model_events import model_resource
@@ -431,7 +432,7 @@ def _announce(
     )
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+@task(name="publish", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def publish_task(
     cfg: PipelineConfig,
     store: ArtifactStore,

@@ -40,6 +40,7 @@ from pydantic import BaseModel
 
 from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
@@ -307,7 +308,7 @@ def train_adapter_exclusively(
         return train_adapter(cfg, store, data, base, on_line=on_line, on_progress=on_progress)
 
 
-@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30)
+@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
     progress = TrainingProgressArtifact()

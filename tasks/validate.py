@@ -51,6 +51,7 @@ from qlora_flow.contracts import (
     failures,
     mark_invalid_utf8,
 )
+from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import combine, hash_tree, sha256_file
 from qlora_flow.layout import data_key, data_source_key
 from qlora_flow.readers import RawRow
@@ -614,12 +615,7 @@ def _publish(report: dict) -> None:
         )
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry I/O hiccups (S3, disk), never a data or config verdict: those would fail again."""
-    return not isinstance(state.result(raise_on_failure=False), (DataValidationError, ConfigError))
-
-
-@task(name="validate-dataset", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(name="validate-dataset", retries=2, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
 def validate_dataset_task(cfg: PipelineConfig) -> ValidatedDataset:
     """Prefect wrapper; caching lives in the artifact store, keyed by the content fingerprint."""
     from qlora_flow.models import load_tokenizer_for

@@ -42,7 +42,14 @@ def test_defaults_build_without_any_file():
         ("- just\n- a list\n", "must hold a mapping of sections"),
         ("lora: [unclosed\n", "is not valid YAML"),
         ("data:\n  train_path: nowhere/missing.jsonl\n", "data.train_path: file 'nowhere/missing.jsonl' does not exist"),
-        ("publish:\n  model_name: 'bad name!'\n", "publish.model_name: String should match pattern"),
+        ("publish:\n  model_name: 'bad name!'\n", "publish.model_name: 'bad name!' names a directory in the artifact store"),
+        ("publish:\n  model_name: ../escape\n", "publish.model_name: '../escape' names a directory"),
+        ("publish:\n  alias: /etc\n", "publish.alias: '/etc' names a directory"),
+        ("execution:\n  run_name: ../../outside\n", "execution.run_name: '../../outside' names a directory"),
+        ("", "is empty or holds only comments"),
+        ("# nothing but\n# comments\n", "is empty or holds only comments"),
+        ("just a string\n", "must hold a mapping of sections (data:, base_model:, ...), not a str"),
+        ("lora:\n  r: 4\n  alpha: [8\ntraining: {}\n", "is not valid YAML: line 4, column 9: expected ',' or ']', but got ':' (while parsing a flow sequence at line 3, column 10)"),
         ("training:\n  offload: 'on'\n  gradient_checkpointing: 'off'\n",
          "training.offload: on keeps checkpointed activations in CPU memory, so it needs training.gradient_checkpointing"),
         ("execution:\n  gpus: 2\n  isolate_gpu_stages: false\n",
@@ -55,6 +62,22 @@ def test_invalid_configs_give_one_readable_message(tmp_path, monkeypatch, yaml_t
         load_config(_write(tmp_path, yaml_text))
     assert expected in str(info.value)
     assert "Traceback" not in str(info.value)
+
+
+def test_every_problem_of_a_config_is_on_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "lora:\n  r: 0\n  rank: 4\ntraining:\n  max_steps: many\n"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "lora.r: Input should be greater than 0" in message and "lora.rank: unknown key" in message
+    assert "training.max_steps: Input should be a valid integer" in message
+
+
+def test_override_below_a_value_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"lora.r.x: lora.r is a value, not a section"):
+        load_config(ROOT / "configs" / "demo.yaml", {"lora.r.x": 4})
 
 
 def test_missing_config_file():

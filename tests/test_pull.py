@@ -8,7 +8,7 @@ import pytest
 from s3server import moto_server, s3env, stage_run  # noqa: F401  (fixtures)
 
 from qlora_flow.config import load_config
-from qlora_flow.pull import PullError, pull_model
+from qlora_flow.pull import PullError, pull_and_verify, pull_model
 from tasks.publish import publish_run
 
 
@@ -34,8 +34,10 @@ def test_round_trip_is_byte_identical(s3env, published, tmp_path):
     assert files == published.model_files
     assert manifest["run_id"] == "run-1"
     assert [p.name for p in dest.parent.iterdir()] == ["extractor"]  # no staging leftovers
-    # pulling again into the same place is a no-op; the latest alias resolves to the same run
-    assert _pull(s3env, dest) == dest
+    # pulling again into the same place checks every file and changes nothing; latest resolves to the same run
+    again = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    assert (again.checked, again.downloaded, again.extra) == (4, [], [])
+    assert again.summary() == "4 files checked, all match the manifest"
     assert _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
 
 
@@ -71,3 +73,76 @@ def test_missing_alias_and_occupied_destination(s3env, published, tmp_path):
     with pytest.raises(PullError, match="already exists"):
         _pull(s3env, occupied)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+    with pytest.raises(PullError, match="is a file; choose a directory"):
+        _pull(s3env, occupied / "notes.txt")
+
+
+def test_pull_over_a_changed_destination_restores_it(s3env, published, tmp_path):
+    """The destination is never trusted: a changed, a missing and a truncated file are downloaded again."""
+    dest = _pull(s3env, tmp_path / "served")
+    (dest / "config.json").write_text('{"hidden_size": 4096}')
+    (dest / "tokenizer.json").unlink()
+    with open(dest / "model.safetensors", "r+b") as fh:
+        fh.truncate(1000)
+    (dest / "notes.txt").write_text("mine")
+
+    report = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+
+    assert report.checked == 4
+    assert sorted(report.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert report.extra == ["notes.txt"]
+    assert report.summary() == "4 files checked, 3 restored: config.json, model.safetensors, tokenizer.json"
+    files = {p.name: p.read_bytes() for p in dest.iterdir() if p.name not in ("manifest.json", "notes.txt")}
+    assert files == published.model_files
+    assert (dest / "notes.txt").read_text() == "mine"  # not ours: left alone, with a warning
+    assert not [p.name for p in dest.iterdir() if ".pull-" in p.name]  # no temporary files left
+
+
+def test_pull_restores_a_damaged_manifest_and_refuses_another_run(s3env, published, tmp_path):
+    dest = _pull(s3env, tmp_path / "served")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "files": []}))
+    report = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
+    assert report.downloaded == ["manifest.json"]
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "run_id": "run-0"}))
+    with pytest.raises(PullError, match="holds something else than run run-1"):
+        _pull(s3env, dest)
+
+
+def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
+    """Through `qlora-flow pull` on a local store: a changed file in DEST is restored, and the output says so."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qlora_flow.store import LocalStore
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(None, {"data.train_path": str(chat_jsonl), "publish.model_name": "extractor"})
+    store = LocalStore(tmp_path / "store")
+    run = stage_run(store, "run-1")
+    publish_run(cfg, store, "run-1", **run.refs)
+
+    def pull() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "qlora_flow.cli", "pull", "extractor", "served", "--store", str(tmp_path / "store")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
+        )
+
+    first = pull()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "ok: extractor:production -> served (4 files downloaded and verified)"
+    (tmp_path / "served/config.json").write_text('{"hidden_size": 1}')
+
+    second = pull()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "ok: extractor:production -> served (4 files checked, 1 restored: config.json)"
+    assert (tmp_path / "served/config.json").read_bytes() == run.model_files["config.json"]
+    assert "served/config.json differs from the manifest" in second.stderr  # logged as a WARNING
+
+    third = pull()
+    assert third.stdout.strip() == "ok: extractor:production -> served (4 files checked, all match the manifest)"

@@ -44,12 +44,12 @@ def test_a_full_config_from_the_run_form_wins_and_mapping_fields_are_replaced_wh
     assert resolve_run_config(None).changed == {}  # a quick run: the deployment's config as it is
 
 
-def test_bad_keys_and_values_are_one_line_per_field(deployed):
+def test_bad_keys_and_values_are_named_on_one_line(deployed):
     with pytest.raises(ConfigError) as bad_key:
         resolve_run_config({}, {"training.max_step": 10})
     assert str(bad_key.value) == (
-        "invalid configuration in the run's parameters over deployment qlora-finetune/manual's config:\n"
-        "  - training.max_step: unknown key; check the spelling against configs/default.yaml"
+        "invalid configuration in the run's parameters over deployment qlora-finetune/manual's config: "
+        "training.max_step: unknown key; check the spelling against configs/default.yaml"
     )
     with pytest.raises(ConfigError, match=r"lora\.r: Input should be greater than 0 \(got 0\)"):
         resolve_run_config({"lora": {"r": 0}})

@@ -450,8 +450,8 @@ def test_prefect_task_publishes_report_and_rejection_event(tmp_path, make_cfg, t
     with pytest.raises(DataValidationError):  # a failing run still reports what it quarantined
         validate_mod.validate_dataset_task.fn(make_cfg(path))
     assert len(tables) == 2 and len(events) == 2
-    assert validate_mod._transient(None, None, types.SimpleNamespace(result=lambda raise_on_failure: DataValidationError("x", {}))) is False
-    assert validate_mod._transient(None, None, types.SimpleNamespace(result=lambda raise_on_failure: OSError("reset"))) is True
+    assert validate_mod.validate_dataset_task.retry_condition_fn(None, None, types.SimpleNamespace(result=lambda raise_on_failure: DataValidationError("x", {}))) is False
+    assert validate_mod.validate_dataset_task.retry_condition_fn(None, None, types.SimpleNamespace(result=lambda raise_on_failure: OSError("reset"))) is True
 
 
 # ------------------------------------------------------------------ token counting shortcut

@@ -1,6 +1,6 @@
 # Two entry points for a fresh checkout:
 #   make demo   installs everything and runs the offline demo end to end
-#   make test   installs everything and runs the test suite
+#   make test   installs everything, runs ruff (lint + format check), then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13 is what this project is tested with; override for a CUDA build.
@@ -22,5 +22,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/qlora-flow run configs/demo.yaml
 
+# lint and format check first: a style slip fails in seconds instead of after the suite
 test: install
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	$(PY) -m pytest -q

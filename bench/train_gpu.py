@@ -200,6 +200,7 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from qlora_flow.recipe import step_arguments
     from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu, offload_large_activations_only
 
     name, modifiers = split_profile(args.profile)
@@ -266,18 +267,20 @@ def run_one(args) -> dict:
             if profiler is not None:
                 profiler.step()
 
-    sft = SFTConfig(
-        output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, per_device_train_batch_size=settings["batch"],
-        gradient_accumulation_steps=settings["accum"], learning_rate=2e-4, bf16=True,
+    # How a step is computed comes from the pipeline's recipe (the same batch split, checkpointing, packing,
+    # offloading and token counting); the rest is the benchmark's own.
+    step_args = step_arguments(
+        batch=settings["batch"], accum=settings["accum"], packing=settings["packing"], offload=activation_offloading,
         # Unsloth's own checkpointing was set up by get_peft_model; TRL's would wrap the layers a second time.
-        gradient_checkpointing=settings["gradient_checkpointing"] and family != "unsloth",
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
+        checkpointing=settings["gradient_checkpointing"] and family != "unsloth", device="cuda",
+    )  # fmt: skip
+    sft = SFTConfig(
+        output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, learning_rate=2e-4, bf16=True,
         max_length=settings["max_length"] if settings["packing"] else (2048 if args.workload == "W2" else 1024),
-        packing=settings["packing"],
-        include_num_input_tokens_seen="non_padding", report_to="none", save_strategy="no", logging_steps=1000,
-        disable_tqdm=True, dataloader_num_workers=2, completion_only_loss=False,
-        use_liger_kernel="liger" in modifiers, activation_offloading=activation_offloading, ddp_find_unused_parameters=False if world > 1 else None,
+        report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, completion_only_loss=False,
+        use_liger_kernel="liger" in modifiers,
         **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {"optim": "adamw_8bit"} if family == "unsloth" else {}),
+        **step_args,
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[Timer()])  # fmt: skip

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from qlora_flow.config import ConfigError, PipelineConfig
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
+from qlora_flow.layout import CLAIM_NAME, MANIFEST_NAME, run_key
 from qlora_flow.preflight import preflight
 from qlora_flow.refs import (
     AdapterRef,
@@ -32,11 +33,11 @@ from tasks.evaluate import evaluate_task
 from tasks.export_gguf import export_gguf_task
 from tasks.merge import merge_task
 from tasks.prepare_base import prepare_base_model_task
-from tasks.publish import MANIFEST_NAME, publish_task, run_key
+from tasks.publish import publish_task
 from tasks.train import train_adapter_task
 from tasks.validate import validate_dataset_task
 
-CLAIM_NAME = "flow-run.json"  # runs/<run-id>/flow-run.json: the flow run that owns the run id
+
 REJECTED = "Rejected"  # state name of a run whose candidate the quality gate rejected
 
 

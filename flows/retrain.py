@@ -19,11 +19,11 @@ from pydantic import BaseModel
 
 from flows.pipeline import REJECTED, PipelineResult, qlora_pipeline, run_namer
 from qlora_flow.config import PipelineConfig
+from qlora_flow.layout import MANIFEST_NAME, alias_key, run_key
 from qlora_flow.preflight import preflight
 from qlora_flow.run_config import resolve_and_record
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import ArtifactStore, open_store
-from tasks.publish import MANIFEST_NAME, alias_key, run_key
-from tasks.train import recipe_fingerprint
 
 
 class Fingerprints(BaseModel):

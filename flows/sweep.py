@@ -20,7 +20,7 @@ from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare_base import prepare_base_model_task
-from tasks.train import train_adapter, training_lock, training_lock_name
+from tasks.train import train_adapter_exclusively
 from tasks.validate import validate_dataset_task
 
 
@@ -52,8 +52,7 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     started = time.time()
     store = open_store(cfg.execution)
     # the pipeline's lock: a point whose rank matches a pipeline run's (or another point's) is the same adapter
-    with training_lock(training_lock_name(cfg, data, base)):
-        adapter = train_adapter(cfg, store, data, base, on_line=logger.info)
+    adapter = train_adapter_exclusively(cfg, store, data, base, on_line=logger.info)
     report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
     return SweepPoint(
         rank=cfg.lora.r, run_id=run_id, adapter_uri=adapter.uri, eval_loss=report.tuned_metrics["loss"],

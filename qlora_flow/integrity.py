@@ -24,14 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qlora_flow import layout
 from qlora_flow.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 STAMP_NAME = "_VERIFIED"  # local bookkeeping of a reader, never part of the entry
-QUARANTINE_ROOT = "quarantine"
-REASON_NAME = "reason.json"
 
 _legacy_noted = False
 
@@ -140,7 +139,7 @@ def quarantine_key(key: str) -> str:
     """Where a corrupt entry goes: quarantine/<kind>/<rest of its key>/<UTC time>, e.g.
     quarantine/adapter/<fp>/checkpoints/checkpoint-8/20261201T041500.123456Z for cache/adapter/<fp>/..."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{QUARANTINE_ROOT}/{key.strip('/').removeprefix('cache/')}/{stamp}"
+    return layout.quarantine_key(key, stamp)
 
 
 def reason_document(key: str, found: list[dict]) -> dict:

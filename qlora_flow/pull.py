@@ -19,14 +19,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from qlora_flow import layout
 from qlora_flow.config import S3Settings
 from qlora_flow.errors import PermanentError
 from qlora_flow.fingerprint import sha256_file
+from qlora_flow.layout import MANIFEST_NAME
 from qlora_flow.store import ArtifactStore, LocalStore
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 # what `pull` can fetch: a part of the run's manifest (its top-level directory)
 PARTS = {"model": "the merged model", "adapter": "the LoRA adapter", "gguf": "the GGUF files"}
 _TEMP_MARK = ".pull-"  # in the names of our temporary files: `.<name>.pull-<random>`
@@ -167,7 +168,7 @@ def pull_and_verify(
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
         store = _open(store_uri, s3, staging / ".cache")
-        alias_key = f"models/{name}/{alias}.json"
+        alias_key = layout.alias_key(name, alias)
         pointer, _ = store.read_alias(alias_key)
         if pointer is None:
             raise PullError(f"{store.uri(alias_key)} does not exist: nothing is published as {name}:{alias}")

@@ -40,7 +40,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
-from qlora_flow import integrity
+from qlora_flow import integrity, layout
 from qlora_flow.config import S3Settings
 from qlora_flow.fingerprint import sha256_file
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
@@ -412,7 +412,7 @@ class S3Store(ArtifactStore):
         for k in keys:  # the raw bytes as stored, whatever their checksum metadata says
             source = {"Bucket": self.bucket, "Key": self._k(k)}
             self.client.copy(source, self.bucket, self._k(f"{where}/entry/{k[len(key.strip('/')) + 1:]}"), Config=self.transfer)
-        self.write_json(f"{where}/{integrity.REASON_NAME}", integrity.reason_document(key, problems))
+        self.write_json(f"{where}/{layout.REASON_NAME}", integrity.reason_document(key, problems))
         marker = f"{key.strip('/')}/{COMPLETE_MARKER}"
         self.client.delete_object(Bucket=self.bucket, Key=self._k(marker))
         for start in range(0, len(keys), 1000):

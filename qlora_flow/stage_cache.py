@@ -1,4 +1,4 @@
-"""Cache entries of the stages after training, keyed by content fingerprints like the adapter.
+"""Fingerprints of the stage results, and the cache entries of the stages after training.
 
     cache/eval/<fp>/entry.json     what evaluating cost: base and tuned metrics and answers. Not the gate
                                    verdict: the gate compares against whatever `production` is at the time,
@@ -21,13 +21,33 @@ from pydantic import BaseModel
 
 from qlora_flow.config import PipelineConfig
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.layout import CACHE_ENTRY_NAME, cache_key
 from qlora_flow.refs import AdapterRef, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-ENTRY_NAME = "entry.json"
 Entry = TypeVar("Entry", bound=BaseModel)
+
+
+# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
+# choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
+_NON_RESULT_TRAINING_FIELDS = {
+    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
+}
+
+
+_LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
+
+
+def recipe_fingerprint(cfg: PipelineConfig) -> str:
+    """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
+    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
+    lora = cfg.lora.model_dump(mode="json")
+    for name, default in _LORA_VARIANT_DEFAULTS.items():
+        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
+            del lora[name]
+    return combine("recipe", lora, training, cfg.quantization)
 
 
 class Measurement(BaseModel):
@@ -50,7 +70,8 @@ def evaluation_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Pr
     return combine(
         "evaluation", adapter.fingerprint, data.fingerprint, base.fingerprint, base.compute_dtype, base.device,
         cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
-        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models"), library_versions(),
+        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models", "qlora_flow.stage_inputs"),
+        library_versions(),
     )  # fmt: skip
 
 
@@ -62,12 +83,13 @@ def merge_fingerprint(
     return combine(
         "merge", adapter.fingerprint, base.fingerprint, base.device, cfg.merge, cfg.evaluation.max_new_tokens,
         data.fingerprint if data else "eval-report-samples",
-        code_version("tasks.merge", "qlora_flow.models"), library_versions(),
+        code_version("tasks.merge", "qlora_flow.models", "qlora_flow.stage_inputs", "qlora_flow.training_template"),
+        library_versions(),
     )  # fmt: skip
 
 
 def entry_key(kind: str, fingerprint: str) -> str:
-    return f"cache/{kind}/{fingerprint[:24]}"
+    return cache_key(kind, fingerprint)
 
 
 def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[Entry]) -> Entry | None:
@@ -76,7 +98,7 @@ def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[En
     if store.verified(key) is None:  # absent, or corrupt and set aside in quarantine/
         return None
     try:
-        return model.model_validate(store.as_uris(json.loads(store.read_bytes(f"{key}/{ENTRY_NAME}"))))
+        return model.model_validate(store.as_uris(json.loads(store.read_bytes(f"{key}/{CACHE_ENTRY_NAME}"))))
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         log.warning("cache entry %s is unreadable (%s); computing it again", store.uri(key), exc)
         return None
@@ -86,5 +108,5 @@ def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseMo
     key = entry_key(kind, fingerprint)
     out = store.workdir(key)
     # keys, not URIs: the entry stays valid when the store is copied or moved
-    (out / ENTRY_NAME).write_text(json.dumps(store.as_keys(entry.model_dump(mode="json")), indent=2, sort_keys=True))
+    (out / CACHE_ENTRY_NAME).write_text(json.dumps(store.as_keys(entry.model_dump(mode="json")), indent=2, sort_keys=True))
     return store.commit(key)

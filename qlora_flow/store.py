@@ -29,13 +29,13 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from qlora_flow import integrity
+from qlora_flow import integrity, layout
 from qlora_flow.integrity import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
 
 # The top-level folders of every store: a path segment that starts a key.
-_TOP_LEVEL = ("cache", "runs", "models", integrity.QUARANTINE_ROOT)
+_TOP_LEVEL = ("cache", "runs", "models", layout.QUARANTINE_ROOT)
 _relocation_noted = False
 
 
@@ -272,7 +272,7 @@ class LocalStore(ArtifactStore):
         except FileNotFoundError:
             self._p(where).rmdir()
             raise
-        self.write_json(f"{where}/{integrity.REASON_NAME}", integrity.reason_document(key, problems))
+        self.write_json(f"{where}/{layout.REASON_NAME}", integrity.reason_document(key, problems))
         return where
 
     def fetch(self, key: str) -> Path:

@@ -34,45 +34,16 @@ from qlora_flow.artifacts import publish_eval_samples, publish_loss_curve
 from qlora_flow.config import GateRules, PipelineConfig
 from qlora_flow.console import StageProgress
 from qlora_flow.errors import is_retryable
+from qlora_flow.layout import EVAL_REPORT_NAME, alias_key, run_eval_key
 from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
-from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model, load_tokenizer
+from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import Measurement, entry_key, evaluation_fingerprint, read_entry, write_entry
+from qlora_flow.stage_inputs import Conversation, local_path, read_conversations, run_tokenizer
 from qlora_flow.store import ArtifactStore, open_store
 
 log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
-
-
-# ---------------------------------------------------------------- reading inputs
-
-
-def local_path(store: ArtifactStore, uri: str) -> Path:
-    """A local directory/file for a reference's URI: fetched from the store, or the path itself when the
-    URI lies outside the store (e.g. a base model used in place from a local directory)."""
-    try:
-        key = store.key_of(uri)
-    except ValueError:
-        if Path(uri).exists():
-            return Path(uri)
-        raise
-    return store.fetch(key)
-
-
-def read_conversations(store: ArtifactStore, uri: str) -> list[Conversation]:
-    """The `messages` column of a validated split (parquet)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(store.fetch_file(uri))
-    return [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
-
-
-def run_tokenizer(adapter_dir: Path, base_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with the adapter (what training used), else the base's."""
-    return load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir)
-
 
 # ---------------------------------------------------------------- loss on assistant tokens
 
@@ -221,14 +192,14 @@ def production_metrics(store: ArtifactStore, cfg: PipelineConfig) -> tuple[str |
 
     An alias whose run has no eval report raises: a gate that cannot check must not pass silently.
     """
-    alias_key = f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json"
-    if not store.exists(alias_key):
+    key = alias_key(cfg.publish.model_name, cfg.publish.alias)
+    if not store.exists(key):
         return None, None
-    prod_run = store.read_json(alias_key)["run_id"]
-    report_key = f"runs/{prod_run}/eval/report.json"
+    prod_run = store.read_json(key)["run_id"]
+    report_key = f"{run_eval_key(prod_run)}/{EVAL_REPORT_NAME}"
     if not store.exists(report_key):
         raise FileNotFoundError(
-            f"{store.uri(alias_key)} points at run {prod_run}, which has no eval report at {store.uri(report_key)}"
+            f"{store.uri(key)} points at run {prod_run}, which has no eval report at {store.uri(report_key)}"
         )
     return prod_run, store.read_json(report_key)["tuned_metrics"]
 
@@ -371,7 +342,7 @@ def evaluate_adapter(
         prod_run, prod_metrics = production_metrics(store, cfg)
     verdict = decide_gate(cfg.evaluation.gate, base_metrics, tuned_metrics, prod_metrics, prod_run)
 
-    key = f"runs/{run_id}/eval"
+    key = run_eval_key(run_id)
     out = store.workdir(key)
     samples = [
         {
@@ -406,7 +377,7 @@ def evaluate_adapter(
         "base_fingerprint": base.fingerprint,
         "eval_rows": len(conversations),
     }
-    (out / "report.json").write_text(json.dumps(store.as_keys(document), indent=2, sort_keys=True))
+    (out / EVAL_REPORT_NAME).write_text(json.dumps(store.as_keys(document), indent=2, sort_keys=True))
     plot_link = "\n![loss curve](loss_curve.png)\n" if has_plot else ""
     (out / "report.md").write_text(comparison_markdown(report, run_id) + plot_link)
     store.commit(key)

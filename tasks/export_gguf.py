@@ -31,6 +31,7 @@ from qlora_flow.gguf_export import (
     gguf_file_name,
     load_gguf,
 )
+from qlora_flow.layout import cache_key
 from qlora_flow.refs import GgufExport, MergedModel, ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
 
@@ -58,7 +59,7 @@ def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, merged: MergedM
         "gguf", merged.fingerprint, data.fingerprint, cfg.export, cfg.merge.verify_prompts, cfg.merge.logits_atol_16bit,
         cfg.evaluation.max_new_tokens, cfg.publish.model_name, code_version("qlora_flow.gguf_export", "tasks.export_gguf"),
     )  # fmt: skip
-    key = f"cache/gguf/{fingerprint[:24]}"
+    key = cache_key("gguf", fingerprint)
     if store.is_complete(key):
         log.info("GGUF files for merged model %s already exported and verified: %s", merged.fingerprint[:16], store.uri(key))
         files = {q: gguf_file_name(q) for q in cfg.export.gguf}

@@ -43,11 +43,13 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from qlora_flow.config import PipelineConfig
 from qlora_flow.console import StageProgress, run_logger
 from qlora_flow.fingerprint import combine, library_versions
+from qlora_flow.layout import run_model_key
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import MergeEntry, entry_key, merge_fingerprint, read_entry, write_entry
+from qlora_flow.stage_inputs import Conversation, local_path, read_conversations, run_tokenizer
 from qlora_flow.store import ArtifactStore, open_store
-from tasks.evaluate import Conversation, local_path, read_conversations, run_tokenizer
+from qlora_flow.training_template import end_of_turn_in_training_mask
 
 
 log = logging.getLogger(__name__)
@@ -189,29 +191,6 @@ def stops_at_end_of_turn(probes: list[Probe], stop_ids: list[int], max_new_token
         else:
             ok &= len(p.generated) == max_new_tokens
     return ok, stopped
-
-
-def end_of_turn_in_training_mask(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> bool | None:
-    """Is the end-of-turn token of the last assistant turn inside the assistant mask training used?
-
-    Renders with the very template the training stage picks; None when it found none with assistant
-    markers (then training used the whole sequence and there is no mask to get wrong).
-    """
-    from trl.chat_template_utils import has_generation_markers
-
-    from tasks.train import _training_template
-
-    template = _training_template(tokenizer)
-    if template is None or not has_generation_markers(template):
-        return None
-    rendered = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
-    stops = set(end_of_turn_token_ids(tokenizer))
-    masked_stops = [i for i, t in enumerate(ids) if t in stops and mask[i]]
-    last_assistant = max(i for i, m in enumerate(mask) if m) if any(mask) else -1
-    return bool(masked_stops) and masked_stops[-1] == last_assistant
 
 
 # ---------------------------------------------------------------- files written next to the weights
@@ -390,7 +369,7 @@ def merge_adapter(
         del model
         _release(device)
 
-    key = f"runs/{run_id}/model"
+    key = run_model_key(run_id)
     out = store.workdir(key)
 
     def merge_and_verify(save_dtype: torch.dtype) -> tuple[dict, list[str]]:

@@ -21,6 +21,7 @@ from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import combine
 from qlora_flow.hardware import compute_plan
+from qlora_flow.layout import base_full_key, base_nf4_key
 from qlora_flow.models import (
     end_of_turn_token_ids,
     load_nf4_model,
@@ -84,7 +85,7 @@ def prepare_base_model(cfg: PipelineConfig, store: ArtifactStore) -> PreparedBas
     source_fp = source_fingerprint(cfg.base_model, source)
     plan = compute_plan(cfg.execution.device, cfg.quantization.compute_dtype)
 
-    full_key = f"cache/base/{source_fp[:24]}/full"
+    full_key = base_full_key(source_fp)
     # Base weights are re-hashed only where a file's size or mtime changed since it last verified: hashing
     # every read would add ~4 s (8B NF4) + ~11 s (16-bit) to every run at 1.4 GB/s (README: self-healing caches).
     full_dir = store.verified(full_key, always_hash=False)
@@ -103,7 +104,7 @@ def prepare_base_model(cfg: PipelineConfig, store: ArtifactStore) -> PreparedBas
     nf4_uri = None
     footprint_nf4 = None
     if cfg.quantization.load_in_4bit:
-        nf4_key = f"cache/base/{source_fp[:24]}/nf4-{fingerprint[:16]}"
+        nf4_key = base_nf4_key(source_fp, fingerprint)
         if store.verified(nf4_key, always_hash=False) is None:
             log.info("quantizing base model to %s (double quant %s)", cfg.quantization.quant_type, cfg.quantization.double_quant)
             model = load_nf4_model(full_dir, plan.compute_dtype, plan.device, cfg.quantization)

@@ -36,6 +36,7 @@ from qlora_flow.artifacts import publish_model_link
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.layout import MANIFEST_NAME, SAME_AS_NAME, alias_key, run_key
 from qlora_flow.model_events import model_resource
 from qlora_flow.pull import stored_key
 from qlora_flow.refs import (
@@ -47,15 +48,12 @@ from qlora_flow.refs import (
     PublishedModel,
     ValidatedDataset,
 )
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
-from tasks.train import recipe_fingerprint
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 1
-MANIFEST_NAME = "manifest.json"
-# runs/<run-id>/same-as.json: the record of a run whose publication the alias already served (see publish_run)
-SAME_AS_NAME = "same-as.json"
 # fields that legitimately differ when the same run is published again
 _VOLATILE_MANIFEST_FIELDS = ("created_at", "flow_run_id")
 _SECRET_FIELD = re.compile(r"(^|_)(secret|password|token|access_key)(_|$)", re.IGNORECASE)  # not max_new_tokens
@@ -65,14 +63,6 @@ _LATEST_ATTEMPTS = 5
 
 class PublishError(RuntimeError):
     """The run cannot be published as asked."""
-
-
-def run_key(run_id: str) -> str:
-    return f"runs/{run_id}"
-
-
-def alias_key(model_name: str, alias: str) -> str:
-    return f"models/{model_name}/{alias}.json"
 
 
 def redact(value):

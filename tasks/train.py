@@ -1,4 +1,8 @@
-"""Stage 3: LoRA training on the NF4 base with TRL's SFTTrainer, resumable and content-addressed.
+"""Stage 3: LoRA training on the NF4 base, resumable and content-addressed.
+
+The training itself is the recipe in qlora_flow/recipe.py (TRL's SFTTrainer; local files in, adapter and
+statistics out). This module is the stage around it: the fingerprint, the store (inputs, checkpoints,
+the adapter), the child process, the per-adapter lock and the Prefect task.
 
 Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG, trainer state;
@@ -6,7 +10,7 @@ Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/adapter/                          the final adapter + tokenizer + adapter_ref.json
 
 The fingerprint covers the data, the base model, the LoRA and training settings that change the
-result, and the code and library versions; an identical request returns the stored adapter, and a
+result, the recipe's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
 run that died resumes from the newest complete checkpoint.
 
 GPU work runs in a child process (`python -m tasks.train SPEC RESULT`) so that a timeout or a
@@ -15,6 +19,7 @@ cancellation kills it and frees the device, and its log lines stream into the Pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,31 +42,17 @@ from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
-from qlora_flow.refs import AdapterRef, LossPoint, PreparedBase, ValidatedDataset
+from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device, train_lora
+from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
-from qlora_flow.training_plan import ModelShape, TrainingPlan, plan_training, resolve_packing
+from qlora_flow.training_plan import resolve_packing
 
 log = logging.getLogger(__name__)
 
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
-# Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
-# choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
-_NON_RESULT_TRAINING_FIELDS = {
-    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
-}
-
-_LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
-
-
-def recipe_fingerprint(cfg: PipelineConfig) -> str:
-    """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
-    training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
-    lora = cfg.lora.model_dump(mode="json")
-    for name, default in _LORA_VARIANT_DEFAULTS.items():
-        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
-            del lora[name]
-    return combine("recipe", lora, training, cfg.quantization)
 
 
 def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
@@ -69,13 +60,12 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
     packed = resolve_packing(cfg.training.packing, base.device)
     return combine(
         "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg), {"packed": packed},
-        code_version("tasks.train", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan"),
+        code_version(
+            "qlora_flow.recipe", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan",
+            "qlora_flow.training_template",
+        ),
         library_versions(),
     )
-
-
-def adapter_key(fingerprint: str) -> str:
-    return f"cache/adapter/{fingerprint[:24]}"
 
 
 def _complete_steps(store: ArtifactStore, checkpoints_key: str) -> list[int]:
@@ -107,55 +97,6 @@ def newest_verified_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tu
     return None
 
 
-def _training_template(tokenizer) -> str | None:
-    """A chat template with `{% generation %}` markers, or None when assistant-only masking is impossible."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    from qlora_flow.models import chatml_training_template
-
-    if has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        return get_training_chat_template(tokenizer) or tokenizer.chat_template
-    except ValueError:
-        return chatml_training_template(tokenizer.chat_template)
-
-
-def _as_prompt_completion(example: dict) -> dict:
-    messages = example["messages"]
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
-
-
-def make_plan(cfg: PipelineConfig, base: PreparedBase, model_dir: Path) -> TrainingPlan:
-    """The training profile for this hardware: see qlora_flow.training_plan."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    shape = ModelShape(base.parameters, config.hidden_size, config.num_hidden_layers, config.vocab_size, tied)
-    budget = cfg.training.memory_budget_gib
-    if base.device == "cuda" and budget is None:
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()  # the current GPU: this rank's, or the flow run's leased one
-        budget = free / 2**30
-    t = cfg.training
-    return plan_training(
-        device=base.device,
-        shape=shape,
-        max_seq_length=t.max_seq_length,
-        batch_size=t.per_device_batch_size,
-        grad_accum=t.gradient_accumulation_steps,
-        checkpointing=t.gradient_checkpointing,
-        packing=t.packing,
-        memory_budget_gib=budget,
-        quantized=base.nf4_uri is not None,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        compile_layers=t.compile,
-        offload=t.offload,
-    )
-
-
 def run_training(
     cfg: PipelineConfig,
     store: ArtifactStore,
@@ -163,200 +104,50 @@ def run_training(
     base: PreparedBase,
     on_progress: Callable[[dict], None] | None = None,
 ) -> AdapterRef:
-    """Train (or resume) in this process. Use `train_adapter` for caching and process isolation.
+    """Train (or resume) in this process: fetch the inputs, run the recipe (qlora_flow.recipe), store the adapter.
+    Use `train_adapter` for caching and process isolation.
 
     Each trainer log report goes to on_progress; without one it is printed for a parent process."""
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from qlora_flow.hardware import cap_gpu_memory, resolve_compute_dtype
-    from qlora_flow.models import load_full_precision_model, load_nf4_model, load_tokenizer
-
     fingerprint = training_fingerprint(cfg, data, base)
-    key = adapter_key(fingerprint)
-    checkpoints_key = f"{key}/checkpoints"
-    output_dir = store.workdir(checkpoints_key)
-    rank = int(os.environ.get("RANK", "0"))
-
-    device = base.device
-    if device == "cuda":
-        if "LOCAL_RANK" in os.environ:  # under torchrun: this rank's GPU becomes the default "cuda" device
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        if cfg.training.memory_budget_gib is not None:
-            cap_gpu_memory(cfg.training.memory_budget_gib)
-    compute_dtype = resolve_compute_dtype(base.compute_dtype, device)
+    checkpoints_key, adapter_out_key = adapter_checkpoints_key(fingerprint), trained_adapter_key(fingerprint)
+    prepare_device(base.device, cfg.training.memory_budget_gib)
     full_dir = store.fetch(store.key_of(base.full_precision_uri))
-    tokenizer = load_tokenizer(full_dir)
     plan = make_plan(cfg, base, full_dir)
-    log.info("training plan: %s", plan.as_dict())
-    if base.nf4_uri:
-        model = load_nf4_model(
-            store.fetch(store.key_of(base.nf4_uri)), compute_dtype, device, attn_implementation=plan.attn_implementation
-        )
-    else:
-        model = load_full_precision_model(full_dir, compute_dtype, device, attn_implementation=plan.attn_implementation)
-    if plan.offload:
-        from qlora_flow.speedups import input_embedding_on_cpu
-
-        input_embedding_on_cpu(model)
-
-    train_ds = datasets.Dataset.from_parquet(str(store.fetch_file(data.train_uri)))
-    training_template = _training_template(tokenizer) if cfg.training.assistant_only_loss else None
-    assistant_only = training_template is not None
-    if cfg.training.assistant_only_loss and not assistant_only:
-        # No template with generation markers: train on the final assistant turn only (prompt/completion).
-        log.warning("chat template has no assistant markers; computing the loss on the last assistant turn only")
-        train_ds = train_ds.map(_as_prompt_completion, remove_columns=["messages"])
-    original_template = tokenizer.chat_template
-    if assistant_only:
-        tokenizer.chat_template = training_template
-
-    gradient_checkpointing = plan.gradient_checkpointing
-    t = cfg.training
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_epochs,
-        per_device_train_batch_size=plan.per_device_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=3,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        use_cpu=device == "cpu",
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        max_length=t.max_seq_length,
-        packing=plan.packing,
-        activation_offloading=plan.offload,
-        assistant_only_loss=assistant_only,
-        # "non_padding" counts ids != pad; a padding-free packed batch has no padding, and where the pad token is
-        # also the end-of-turn token (SmolLM2's <|im_end|>) it would skip every real end of turn.
-        include_num_input_tokens_seen="all" if plan.packing else "non_padding",
-        report_to="none",
-        disable_tqdm=True,
-        # As in bench/train_gpu.py: collation off the GPU process's thread; on the CPU, workers only compete with it.
-        dataloader_num_workers=2 if device == "cuda" else 0,
-        # Every LoRA parameter is used in every step. Left unset, Trainer picks True for a PEFT model, and DDP
-        # then walks the autograd graph after each backward looking for unused ones (the bench measured False).
-        ddp_find_unused_parameters=False,
-        eval_strategy="no",
-    )
-    peft_config = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        bias=cfg.lora.bias,
-        use_dora=cfg.lora.use_dora,
-        use_rslora=cfg.lora.use_rslora,
-        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
-        task_type="CAUSAL_LM",
-    )
-
-    class CheckpointCommitter(TrainerCallback):
-        """Marks a checkpoint complete only after the trainer wrote all of it, then publishes it."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # the Trainer does not wait for the other ranks' RNG files before on_save; the marker records them
-                torch.distributed.barrier()
-            if state.is_world_process_zero:
-                name = f"checkpoint-{state.global_step}"
-                store.commit(f"{checkpoints_key}/{name}")
-            return control
-
-    class ProgressReporter(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and state.max_steps:
-                report = {"step": state.global_step, "max_steps": state.max_steps, **(logs or {})}
-                if on_progress:
-                    on_progress(report)
-                else:
-                    print(PROGRESS_PREFIX + json.dumps(report), flush=True)
-            return control
-
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[CheckpointCommitter(), ProgressReporter()],
-    )
-    # it prints each log dict raw; ProgressReporter's `[train] step ...` lines say the same, readably
-    trainer.remove_callback(PrinterCallback)
-    if plan.offload:
-        from qlora_flow.speedups import offload_large_activations_only
-
-        offload_large_activations_only(trainer)
-    if plan.compile_layers:
-        from qlora_flow.speedups import compile_decoder_layers
-
-        compile_decoder_layers(trainer.model)
-    trainable_params = [p for p in trainer.model.parameters() if p.requires_grad]
-    if compute_dtype != torch.bfloat16:
-        # TRL casts QLoRA adapters to bf16 unconditionally. In float32 compute (CPUs) bf16 adapters make every
-        # step many times slower; under fp16 mixed precision (GPUs without bf16) the optimizer would update
-        # bf16 weights. Adapters train in float32 (the optimizer does not exist yet).
-        for param in trainable_params:
-            param.data = param.data.to(torch.float32)
-    trainable = sum(p.numel() for p in trainable_params)
-
     resume = newest_verified_checkpoint(store, checkpoints_key)
-    resume_dir = None
-    resumed_tokens = 0
     if resume is not None:
-        resume_dir = str(resume[1])
-        state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
-        resumed_tokens = int(state.get("num_input_tokens_seen", 0))
         log.info("resuming from complete checkpoint at step %d", resume[0])
-    _remove_incomplete_checkpoints(output_dir)
-
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_dir)
-    seconds = time.perf_counter() - started
-
-    history = [
-        LossPoint(step=entry["step"], loss=entry["loss"], epoch=entry.get("epoch"))
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    adapter_out_key = f"{key}/adapter"
+    inputs = RecipeInputs(
+        base_dir=full_dir,
+        nf4_dir=store.fetch(store.key_of(base.nf4_uri)) if base.nf4_uri else None,
+        train_file=store.fetch_file(data.train_uri),
+        compute_dtype=base.compute_dtype,
+        device=base.device,
+        checkpoint_dir=store.workdir(checkpoints_key),
+        adapter_dir=store.workdir(adapter_out_key),
+        resume_from=resume[1] if resume else None,
+    )
+    _remove_incomplete_checkpoints(inputs.checkpoint_dir)
+    stats = train_lora(
+        cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
+        on_log=on_progress or _print_progress,
+    )  # fmt: skip
     ref = AdapterRef(
         uri=store.uri(adapter_out_key),
         checkpoint_uri=store.uri(checkpoints_key),
         fingerprint=fingerprint,
-        trainable_parameters=trainable,
-        steps=trainer.state.global_step,
-        loss_history=history,
-        tokens_seen=tokens,
-        train_seconds=round(seconds, 3),
-        tokens_per_second=round((tokens - resumed_tokens) / seconds, 2) if seconds > 0 else 0.0,
         resumed_from_step=resume[0] if resume else None,
+        **dataclasses.asdict(stats),
     )
-    if rank == 0:
-        out = store.workdir(adapter_out_key)
-        trainer.model.save_pretrained(out)
-        tokenizer.chat_template = original_template
-        tokenizer.save_pretrained(out)
+    if int(os.environ.get("RANK", "0")) == 0:
         # keys, not URIs: the reference stays valid when the store is copied or moved
-        (out / "adapter_ref.json").write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
+        (inputs.adapter_dir / ADAPTER_REF_NAME).write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
         store.commit(adapter_out_key)
     return ref
+
+
+def _print_progress(report: dict) -> None:
+    """Progress lines on stdout, which the parent (run_training_in_child) reads and reports."""
+    print(PROGRESS_PREFIX + json.dumps(report), flush=True)
 
 
 def _remove_incomplete_checkpoints(output_dir: Path) -> None:
@@ -455,7 +246,7 @@ def train_adapter(
     stored = store.verified(f"{key}/adapter")
     if stored is not None:
         log.info("adapter %s already trained; reusing it", key)
-        return AdapterRef.model_validate(store.as_uris(json.loads((stored / "adapter_ref.json").read_text())))
+        return AdapterRef.model_validate(store.as_uris(json.loads((stored / ADAPTER_REF_NAME).read_text())))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
     return run_training(cfg, store, data, base, on_progress)
@@ -504,6 +295,19 @@ def training_lock(name: str) -> Iterator[None]:
         yield
 
 
+def train_adapter_exclusively(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    on_line: Callable[[str], None] = print,
+    on_progress: Callable[[dict], None] | None = None,
+) -> AdapterRef:
+    """`train_adapter` under this adapter's training lock: what the pipeline's task and each sweep point run."""
+    with training_lock(training_lock_name(cfg, data, base)):
+        return train_adapter(cfg, store, data, base, on_line=on_line, on_progress=on_progress)
+
+
 @task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
@@ -514,8 +318,7 @@ def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: Prepar
         if "loss" in report:
             logger.info(line)
 
-    with training_lock(training_lock_name(cfg, data, base)):
-        ref = train_adapter(cfg, open_store(cfg.execution), data, base, on_line=logger.info, on_progress=on_progress)
+    ref = train_adapter_exclusively(cfg, open_store(cfg.execution), data, base, logger.info, on_progress)
     progress.finish(ref.steps)
     return ref
 

@@ -53,6 +53,7 @@ from qlora_flow.contracts import (
 )
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import combine, hash_tree, sha256_file
+from qlora_flow.layout import data_key, data_source_key
 from qlora_flow.readers import RawRow
 from qlora_flow.refs import ValidatedDataset
 from qlora_flow.store import ArtifactStore, open_store
@@ -413,7 +414,7 @@ def _source_key(cfg: PipelineConfig, sources: list[_Source], settings: str) -> s
     """Pointer from the exact source bytes (and the config reading them) to the content fingerprint."""
     files = [(s.split, hash_tree(s.path) if s.path.is_dir() else sha256_file(s.path)) for s in sources]
     reading = cfg.data.model_dump(include={"format", "column_mapping", "system_prompt"})
-    return f"cache/data-sources/{combine(files, reading, settings)}.json"
+    return data_source_key(combine(files, reading, settings))
 
 
 # ---------------------------------------------------------------- the validation pass
@@ -547,13 +548,13 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
         settings = _settings(cfg, tokenizer)
         source_key = _source_key(cfg, sources, settings)
         fingerprint = store.read_json(source_key)["fingerprint"] if store.exists(source_key) else None
-        if fingerprint is None or store.verified(f"cache/data/{fingerprint}") is None:
+        if fingerprint is None or store.verified(data_key(fingerprint)) is None:
             # the fingerprint hashes every normalised row, so it is known only after the pass:
             # validate into a staging directory, then move the result under its key
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-flow-validate-")))
             report = _validate_into(staging, cfg, sources, tokenizer)
             fingerprint = combine(report["content_hash"], settings)
-            key = f"cache/data/{fingerprint}"
+            key = data_key(fingerprint)
             if store.verified(key) is None:  # else the same rows from another file or format: already done
                 workdir = store.workdir(key)
                 for name in _OUTPUTS:
@@ -567,7 +568,7 @@ def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> Va
                 # committed even when the run is about to fail: the quarantine must survive it
                 store.commit(key)
             store.write_json(source_key, {"fingerprint": fingerprint})
-    key = f"cache/data/{fingerprint}"
+    key = data_key(fingerprint)
     report = store.as_uris(store.read_json(f"{key}/report.json"))
     _enforce(report, cfg.data)
     return ValidatedDataset(

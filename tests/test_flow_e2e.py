@@ -75,7 +75,7 @@ def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_con
     # the training child's lines reached the flow run's logs in the Prefect API: its plan and each step's loss
     messages = _flow_run_log_messages(state.state_details.flow_run_id)
     assert any("training plan: {" in m and "'per_device_batch_size'" in m for m in messages), messages[-20:]
-    assert any(m.startswith("step 6/6 loss ") for m in messages), messages[-20:]
+    assert any(m.startswith("[train] step 6/6 loss ") for m in messages), messages[-20:]
 
     # an unchanged re-run reuses the trained adapter instead of training again
     second = qlora_pipeline(cfg, return_state=True).result()

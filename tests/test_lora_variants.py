@@ -9,10 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 from qlora_flow.config import ConfigError, load_config
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import LocalStore
 from tasks.merge import merge_adapter
 from tasks.prepare_base import prepare_base_model
-from tasks.train import recipe_fingerprint, train_adapter, training_fingerprint
+from tasks.train import train_adapter, training_fingerprint
 from tasks.validate import validate_dataset
 
 
@@ -20,7 +21,7 @@ def test_variants_change_the_recipe_but_plain_lora_keeps_its_fingerprint(tiny_co
     plain = recipe_fingerprint(tiny_config)
     # the recipe of plain LoRA as computed before the variant fields existed
     from qlora_flow.fingerprint import combine
-    from tasks.train import _NON_RESULT_TRAINING_FIELDS
+    from qlora_flow.stage_cache import _NON_RESULT_TRAINING_FIELDS
 
     lora = tiny_config.lora.model_dump(mode="json", exclude={"use_dora", "use_rslora", "init"})
     training = tiny_config.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)

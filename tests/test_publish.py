@@ -11,9 +11,9 @@ from s3server import Fault, moto_server, s3env, stage_run  # noqa: F401  (fixtur
 
 from qlora_flow.config import load_config
 from qlora_flow.pull import pull_model
+from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import LocalStore
 from tasks.publish import PublishError, publish_run, redact
-from tasks.train import recipe_fingerprint
 
 
 @pytest.fixture

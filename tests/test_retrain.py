@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from flows.retrain import Fingerprints, current_fingerprints, decide, scheduled_retrain
+from qlora_flow.layout import alias_key
 from qlora_flow.store import open_store
-from tasks.publish import alias_key
 
 
 def _publish_fake_production(cfg, fingerprints: Fingerprints, run_id: str = "prod-run-1") -> None:

@@ -12,10 +12,11 @@ from s3server import moto_server, s3env, stage_run  # noqa: F401  (fixtures)
 import tasks.evaluate as evaluate
 import tasks.merge as merge
 from qlora_flow.config import load_config
+from qlora_flow.layout import SAME_AS_NAME
 from qlora_flow.pull import PullError, pull_model
 from qlora_flow.stage_cache import entry_key, evaluation_fingerprint, merge_fingerprint
 from qlora_flow.store import LocalStore
-from tasks.publish import SAME_AS_NAME, publish_run
+from tasks.publish import publish_run
 from tests.test_evaluate_support import run_inputs, tiny_adapter_dir  # noqa: F401  (fixtures)
 
 

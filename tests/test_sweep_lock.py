@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from prefect import flow
 
 import flows.sweep as sweep
+import tasks.train as train_module
 from qlora_flow.config import PipelineConfig
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 from tasks.train import training_lock_name
@@ -34,8 +35,8 @@ def test_each_sweep_point_trains_under_the_pipelines_adapter_lock(tmp_path, monk
         return AdapterRef(uri=f"a{cfg.lora.r}", checkpoint_uri="c", fingerprint="fp", trainable_parameters=1, steps=1,
                           loss_history=[], tokens_seen=1, train_seconds=1.0, tokens_per_second=1.0)  # fmt: skip
 
-    monkeypatch.setattr(sweep, "training_lock", fake_lock, raising=False)  # absent before the sweep took the lock
-    monkeypatch.setattr(sweep, "train_adapter", fake_train_adapter)
+    monkeypatch.setattr(train_module, "training_lock", fake_lock)
+    monkeypatch.setattr(train_module, "train_adapter", fake_train_adapter)
     monkeypatch.setattr(sweep, "evaluate_adapter", lambda *a: types.SimpleNamespace(tuned_metrics={"loss": 1.0},
                                                                                     base_metrics={"loss": 2.0}))  # fmt: skip
     ranks = [cfg.lora.r, 2 * cfg.lora.r]

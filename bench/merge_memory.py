@@ -149,7 +149,9 @@ def run_child(args) -> dict:
     result: dict = {"rss_after_imports_gib": peak_rss_gib()}
     started = time.perf_counter()
     try:
-        merged = merge_adapter(cfg, LocalStore(args.root), f"bench-{args.shape}-{args.device}", base, adapter, data=data)
+        merged = merge_adapter(
+            cfg, LocalStore(args.root), f"bench-{args.shape}-{args.device}", base, adapter, data=data
+        )
         result.update(shipped_dtype=merged.dtype, merged_uri=merged.uri, verification=merged.verification)
     except MergeVerificationError as exc:
         result.update(shipped_dtype=None, merged_uri=None, verification={}, error=str(exc))

@@ -99,8 +99,10 @@ def _steps(row: dict) -> str:
 
 def render(files: list[Path]) -> str:
     lines = [
-        ("| host, run | workload | profile | budget | settings | real tokens/s | vs seed | vs Unsloth | vs baseline "
-         "| peak reserved | MFU | step s median (min-max), steps |"),
+        (
+            "| host, run | workload | profile | budget | settings | real tokens/s | vs seed | vs Unsloth | vs baseline "
+            "| peak reserved | MFU | step s median (min-max), steps |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in files:
@@ -140,7 +142,9 @@ def main() -> None:
     fresh = update(current, RESULTS)
     if args.check:
         if fresh != current:
-            sys.exit("error: README.md's performance tables differ from bench/results; run python bench/render_table.py")
+            sys.exit(
+                "error: README.md's performance tables differ from bench/results; run python bench/render_table.py"
+            )
         return
     README.write_text(fresh)
 

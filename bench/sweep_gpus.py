@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings  # noqa: E402
+from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
 
-from flows.sweep import lora_sweep  # noqa: E402
-from qlora_flow.config import load_config  # noqa: E402
-from qlora_flow.gpu_runner import host_gpu_count  # noqa: E402
+from flows.sweep import lora_sweep
+from qlora_flow.config import load_config
+from qlora_flow.gpu_runner import host_gpu_count
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "tests/fixtures/tokenizer"
 
@@ -42,7 +42,9 @@ def random_model_dir(shape: str, root: Path) -> Path:
 
 
 def timed_sweep(config_path: str, overrides: dict, ranks: list[int], store: Path) -> tuple[float, list[dict]]:
-    cfg = load_config(config_path, {**overrides, "execution.store": str(store), "execution.local_cache": str(store / "_cache")})
+    cfg = load_config(
+        config_path, {**overrides, "execution.store": str(store), "execution.local_cache": str(store / "_cache")}
+    )
     started = time.perf_counter()
     points = lora_sweep(cfg, ranks)
     fields = {"rank", "cuda_visible_devices", "train_seconds", "started", "finished"}
@@ -66,7 +68,10 @@ def main() -> None:
         timed_sweep(args.config, warmup, [2], Path(tmp) / "warmup")  # imports, kernels, page cache
         one_s, one = timed_sweep(args.config, overrides, [8], Path(tmp) / "one")
         # A partial result, in case the two-GPU half is cut off by the measurement window.
-        print(json.dumps({"gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1), "one": one}), flush=True)
+        print(
+            json.dumps({"gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1), "one": one}),
+            flush=True,
+        )
         two_s, two = timed_sweep(args.config, overrides, [8, 16], Path(tmp) / "two")
     print(json.dumps({
         "gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1),

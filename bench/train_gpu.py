@@ -51,8 +51,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -73,8 +73,22 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
 }  # fmt: skip
-MODIFIERS = {"liger", "compile", "nocompile", "nodrop", "ddp", "prof", "ckpt", "cpuembed", "adam8bit", "offload", "nopack",
-             "actoffload", "pageable", "smalloffload"}
+MODIFIERS = {
+    "liger",
+    "compile",
+    "nocompile",
+    "nodrop",
+    "ddp",
+    "prof",
+    "ckpt",
+    "cpuembed",
+    "adam8bit",
+    "offload",
+    "nopack",
+    "actoffload",
+    "pageable",
+    "smalloffload",
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -348,9 +362,11 @@ def _profiler(warmup: int):
 def _write_profile(profiler, args, step_times: list[float]) -> None:
     events = profiler.key_averages()
     cuda_us = sum(e.self_device_time_total for e in events)
-    out = Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile.replace('+', '_')}.txt"
+    out = (
+        Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile.replace('+', '_')}.txt"
+    )
     recorded = step_times[args.warmup : args.warmup + 2]
-    header = (f"two steps, wall {sum(recorded):.3f} s, GPU busy (sum of kernel self time) {cuda_us / 1e6:.3f} s\n\n")
+    header = f"two steps, wall {sum(recorded):.3f} s, GPU busy (sum of kernel self time) {cuda_us / 1e6:.3f} s\n\n"
     out.write_text(header + events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
 
 
@@ -365,7 +381,9 @@ def _child_command(args, workload: str, profile: str) -> list[str]:
     # One process seeing several GPUs would make the Trainer use nn.DataParallel: pin it to the first.
     env = [f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}"]
     if family_of(profile) == "unsloth" and os.environ.get("UNSLOTH_SITE"):
-        env.append(f"PYTHONPATH={os.pathsep.join(filter(None, [os.environ['UNSLOTH_SITE'], os.environ.get('PYTHONPATH')]))}")
+        env.append(
+            f"PYTHONPATH={os.pathsep.join(filter(None, [os.environ['UNSLOTH_SITE'], os.environ.get('PYTHONPATH')]))}"
+        )
     return ["env", *env, sys.executable, *script]
 
 
@@ -434,7 +452,16 @@ def main() -> None:
     ok = [r for r in results if "error" not in r]
     for r in with_ratios(ok):
         ratios = {k: round(v, 2) for k, v in r.items() if k.startswith("vs_")}
-        print(json.dumps({"ratios": r["profile"], "workload": r["workload"], **ratios, "peak_reserved_gib": r["peak_reserved_gib"]}))
+        print(
+            json.dumps(
+                {
+                    "ratios": r["profile"],
+                    "workload": r["workload"],
+                    **ratios,
+                    "peak_reserved_gib": r["peak_reserved_gib"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

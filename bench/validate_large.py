@@ -27,7 +27,7 @@ from qlora_flow.config import load_config  # noqa: E402
 from qlora_flow.store import LocalStore  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
-WORDS = "alpha beta gamma delta record person city river number value answer field".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "record", "person", "city", "river", "number", "value", "answer", "field"]
 
 
 def write_rows(path: Path, n: int, seed: int = 0) -> int:
@@ -41,10 +41,12 @@ def write_rows(path: Path, n: int, seed: int = 0) -> int:
                 bad += 1
                 continue
             text = " ".join(rng.choices(WORDS, k=rng.randint(5, 40)))
-            row = {"messages": [
-                {"role": "user", "content": f"Row {i}: extract the fields from: {text}"},
-                {"role": "assistant", "content": json.dumps({"id": i, "words": text.split()[:5]})},
-            ]}
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"Row {i}: extract the fields from: {text}"},
+                    {"role": "assistant", "content": json.dumps({"id": i, "words": text.split()[:5]})},
+                ]
+            }
             fh.write(json.dumps(row) + "\n")
     return bad
 
@@ -56,12 +58,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "large.jsonl"
         bad = write_rows(data, args.rows)
-        cfg = load_config(None, {
-            "data.train_path": str(data),
-            "data.max_rejected_fraction": 0.01,
-            "training.max_seq_length": 512,
-            "execution.store": str(Path(tmp) / "store"),
-        })
+        cfg = load_config(
+            None,
+            {
+                "data.train_path": str(data),
+                "data.max_rejected_fraction": 0.01,
+                "training.max_seq_length": 512,
+                "execution.store": str(Path(tmp) / "store"),
+            },
+        )
         tokenizer = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tokenizer")
         usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
@@ -73,20 +78,25 @@ def main() -> None:
         start = time.perf_counter()
         validate_dataset(cfg, LocalStore(cfg.execution.store), tokenizer)
         cached_seconds = time.perf_counter() - start
-        print(json.dumps({
-            "rows": args.rows,
-            "file_mib": round(data.stat().st_size / 2**20, 1),
-            "seconds": round(seconds, 1),
-            "cpu_seconds": round(cpu_seconds, 1),
-            "rows_per_second": round(args.rows / seconds),
-            "cache_hit_seconds": round(cached_seconds, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rss_before_validation_mib": round(usage.ru_maxrss / 1024),
-            "n_train": result.n_train,
-            "n_eval": result.n_eval,
-            "n_rejected": result.n_rejected,
-            "expected_rejected": bad,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "file_mib": round(data.stat().st_size / 2**20, 1),
+                    "seconds": round(seconds, 1),
+                    "cpu_seconds": round(cpu_seconds, 1),
+                    "rows_per_second": round(args.rows / seconds),
+                    "cache_hit_seconds": round(cached_seconds, 1),
+                    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                    "rss_before_validation_mib": round(usage.ru_maxrss / 1024),
+                    "n_train": result.n_train,
+                    "n_eval": result.n_eval,
+                    "n_rejected": result.n_rejected,
+                    "expected_rejected": bad,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

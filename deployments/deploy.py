@@ -28,7 +28,6 @@ from pathlib import Path
 from uuid import UUID
 
 import yaml
-
 from prefect import Flow
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client

@@ -102,7 +102,10 @@ def listens_on(pid: int, port: int) -> bool:
         return False
     for process in tree:
         try:
-            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in process.net_connections("tcp")):
+            if any(
+                c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                for c in process.net_connections("tcp")
+            ):
                 return True
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -129,7 +132,8 @@ def wait_healthy(api_url: str, proc: subprocess.Popen, timeout_s: float = 120, l
     tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path and log_path.exists() else []
     raise StackError(
         f"prefect server exited with code {proc.returncode} before it was healthy"
-        + (f": {tail[0].strip()}" if tail else "") + (f" (log: {log_path})" if log_path else "")
+        + (f": {tail[0].strip()}" if tail else "")
+        + (f" (log: {log_path})" if log_path else "")
     )
 
 

@@ -37,7 +37,6 @@ from tasks.publish import publish_task
 from tasks.train import train_adapter_task
 from tasks.validate import validate_dataset_task
 
-
 REJECTED = "Rejected"  # state name of a run whose candidate the quality gate rejected
 
 
@@ -96,7 +95,8 @@ def claim_run_id(store: ArtifactStore, run_id: str) -> None:
 # onto the deployment's config before validation, or PipelineConfig's defaults would fill the rest.
 @flow(name="qlora-finetune", flow_run_name=run_namer(), log_prints=True, validate_parameters=False)
 def qlora_pipeline(
-    config: PipelineConfig = PipelineConfig(), overrides: dict[str, Any] = {}  # noqa: B006 - never mutated
+    config: PipelineConfig = PipelineConfig(),
+    overrides: dict[str, Any] = {},  # noqa: B006 - never mutated
 ) -> PipelineResult:
     """Validate data, quantize the base, train a LoRA adapter, evaluate, merge and publish.
 
@@ -140,8 +140,15 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Sta
         result.status, result.message = "merged", f"merged model at {result.merged.uri} (publishing disabled)"
         return result
     result.published = publish_task(
-        config, open_store(config.execution), run_id, merged=result.merged, adapter=adapter, report=report, data=data,
-        base=base, gguf=result.gguf,
+        config,
+        open_store(config.execution),
+        run_id,
+        merged=result.merged,
+        adapter=adapter,
+        report=report,
+        data=data,
+        base=base,
+        gguf=result.gguf,
     )
     if result.published.same_as_run:
         # Every stage was a cache hit and the alias already serves this model: the run completes as Unchanged,

@@ -90,7 +90,8 @@ def decide(cfg: PipelineConfig, current: Fingerprints) -> RetrainDecision:
 # validate_parameters=False: resolve_run_config merges a `config` fragment onto the deployment's config first.
 @flow(name="qlora-retrain", flow_run_name=run_namer("retrain"), log_prints=True, validate_parameters=False)
 def scheduled_retrain(
-    config: PipelineConfig = PipelineConfig(), overrides: dict[str, Any] = {}  # noqa: B006 - never mutated
+    config: PipelineConfig = PipelineConfig(),
+    overrides: dict[str, Any] = {},  # noqa: B006 - never mutated
 ) -> PipelineResult | State:
     """Retrain and publish when the data, base model or training settings differ from production's.
 

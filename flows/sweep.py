@@ -83,7 +83,12 @@ def lora_sweep(
         futures = []
         for rank in ranks:
             cfg = rank_config(config, rank)
-            params = {"cfg": cfg, "run_id": f"{config.publish.model_name}-sweep-{stamp}-r{rank}", "data": data, "base": base}
+            params = {
+                "cfg": cfg,
+                "run_id": f"{config.publish.model_name}-sweep-{stamp}-r{rank}",
+                "data": data,
+                "base": base,
+            }
             with gpu_request(config.execution, max(cfg.execution.gpus, 1)):
                 futures.append(runner.submit(train_candidate, params))
         points = sorted((f.result() for f in futures), key=lambda p: p.eval_loss)

@@ -253,7 +253,9 @@ class TrainingProgressArtifact:
         from prefect.artifacts import update_progress_artifact
 
         self.progress.update(report)
-        update_progress_artifact(self.artifact_id, progress=self.progress.percent, description=self.progress.description())
+        update_progress_artifact(
+            self.artifact_id, progress=self.progress.percent, description=self.progress.description()
+        )
         return self.progress.line()
 
     def finish(self, steps: int) -> None:

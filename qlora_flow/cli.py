@@ -64,7 +64,10 @@ class _WithoutTraceback(logging.Formatter):
 def _hide_console_tracebacks() -> None:
     """Prefect logs a failing task or flow with its traceback on the console; the CLI's one `error:` line
     replaces it. Handlers that send logs elsewhere (the Prefect API, files) keep the traceback."""
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
     for handler in {h for lg in loggers for h in lg.handlers}:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and not isinstance(handler.formatter, _WithoutTraceback):
@@ -91,7 +94,9 @@ def _summary(result) -> str:
     base, tuned = result.report.base_metrics, result.report.tuned_metrics
     lines = [f"run {result.run_id}: {result.status}", f"  {result.message}"]
     for name in sorted(set(base) | set(tuned)):
-        lines.append(f"  {name:>22}: base {base.get(name, float('nan')):.4f}  tuned {tuned.get(name, float('nan')):.4f}")
+        lines.append(
+            f"  {name:>22}: base {base.get(name, float('nan')):.4f}  tuned {tuned.get(name, float('nan')):.4f}"
+        )
     lines.append(f"  adapter: {result.adapter.uri}")
     if result.merged:
         lines.append(f"  merged model: {result.merged.uri}")
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn expected failures into one line
+    except Exception as exc:
         if args.debug:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)

@@ -86,7 +86,8 @@ class LoraSettings(_Section):
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = Field(
-        False, description="DoRA (peft): a learned magnitude per output feature on top of the LoRA direction; "
+        False,
+        description="DoRA (peft): a learned magnitude per output feature on top of the LoRA direction; "
         "trains on the NF4 base, merges like LoRA, slower steps.",
     )
     use_rslora: bool = Field(False, description="rsLoRA (peft): scale the update by alpha/sqrt(r) instead of alpha/r.")
@@ -104,7 +105,9 @@ class TrainingConfig(_Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
     num_epochs: float = Field(1.0, gt=0)
     per_device_batch_size: int = Field(
-        8, ge=1, description="Rows per device per micro-step; with packing a row is up to max_seq_length tokens of "
+        8,
+        ge=1,
+        description="Rows per device per micro-step; with packing a row is up to max_seq_length tokens of "
         "several examples, so a step sees more examples than without packing.",
     )
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -130,8 +133,10 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(5, ge=1)
     seed: int = 42
     memory_budget_gib: float | None = Field(
-        None, gt=0, description="GPU memory per GPU the training stage plans for and caps its allocator at "
-        "(for a shared GPU); default: plan for what is free, no cap."
+        None,
+        gt=0,
+        description="GPU memory per GPU the training stage plans for and caps its allocator at "
+        "(for a shared GPU); default: plan for what is free, no cap.",
     )
 
     @model_validator(mode="after")
@@ -238,7 +243,9 @@ class ExecutionConfig(_Section):
     host_gpus: int | None = Field(
         None, ge=0, description="GPUs this host shares between GPU tasks; None detects them (env QLORA_FLOW_GPUS wins)."
     )
-    ray_address: str | None = Field(None, description="Ray cluster address (ray://head:10001); None starts a local Ray.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (ray://head:10001); None starts a local Ray."
+    )
     ray_gpu_resource: str = Field(
         "GPU", description="Ray resource a GPU task requests: GPU (num_gpus) or a custom resource name."
     )
@@ -316,6 +323,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """`line 3, column 7: mapping values are not allowed here`, from what PyYAML knows."""
+
     def at(mark) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}"
 

@@ -135,5 +135,11 @@ class StageProgress:
         elapsed = now - self.started
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         self.logger.info(
-            "[%s] %s %d/%d (elapsed %s, eta %s)", self.stage, self.what, self.done, self.total, clock(elapsed), clock(eta)
+            "[%s] %s %d/%d (elapsed %s, eta %s)",
+            self.stage,
+            self.what,
+            self.done,
+            self.total,
+            clock(elapsed),
+            clock(eta),
         )

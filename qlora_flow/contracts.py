@@ -122,7 +122,11 @@ def _text(required: bool = True) -> pa.Column:
 
 INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
     "messages": pa.DataFrameSchema(
-        {"messages": pa.Column(None, nullable=False, checks=pa.Check(_is_turn_list, element_wise=True, name="messages_type"))}
+        {
+            "messages": pa.Column(
+                None, nullable=False, checks=pa.Check(_is_turn_list, element_wise=True, name="messages_type")
+            )
+        }
     ),
     "prompt_completion": pa.DataFrameSchema({"prompt": _text(), "completion": _text()}),
     # `input` is optional context; when present it must still be clean text (empty is fine)
@@ -141,7 +145,11 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
 }
 
 INPUT_SCHEMAS["sharegpt"] = pa.DataFrameSchema(
-    {"conversations": pa.Column(None, nullable=False, checks=pa.Check(_is_turn_list, element_wise=True, name="conversations_type"))}
+    {
+        "conversations": pa.Column(
+            None, nullable=False, checks=pa.Check(_is_turn_list, element_wise=True, name="conversations_type")
+        )
+    }
 )
 
 # Columns that identify each shape, in the order `format: auto` tries them.
@@ -174,7 +182,11 @@ def _alternating(turns: pd.DataFrame) -> pd.Series:
 
 def _tool_after_call(turns: pd.DataFrame) -> pd.Series:
     before = _previous(turns, "role")
-    return (turns["role"] != "tool") | (before == "tool") | ((before == "assistant") & _previous(turns, "has_calls").eq(True))
+    return (
+        (turns["role"] != "tool")
+        | (before == "tool")
+        | ((before == "assistant") & _previous(turns, "has_calls").eq(True))
+    )
 
 
 def _known_call_id(turns: pd.DataFrame) -> pd.Series:
@@ -186,7 +198,9 @@ def _valid_calls(calls: object) -> bool:
     """None (no calls) or a list of {name: non-empty str, arguments: dict}."""
     return calls is None or (
         isinstance(calls, list)
-        and all(isinstance(c.get("name"), str) and c["name"].strip() and isinstance(c.get("arguments"), dict) for c in calls)
+        and all(
+            isinstance(c.get("name"), str) and c["name"].strip() and isinstance(c.get("arguments"), dict) for c in calls
+        )
     )
 
 
@@ -199,13 +213,19 @@ TURNS = pa.DataFrameSchema(
         "row": pa.Column(int),
         "turn": pa.Column(int, pa.Check.ge(0)),
         "n_turns": pa.Column(int, pa.Check.ge(1)),
-        "role": pa.Column(None, nullable=False, checks=[
-            pa.Check(_is_str, element_wise=True, name="type"),
-            pa.Check(lambda x: not isinstance(x, str) or x in TURN_ROLES, element_wise=True, name="role"),
-        ]),
+        "role": pa.Column(
+            None,
+            nullable=False,
+            checks=[
+                pa.Check(_is_str, element_wise=True, name="type"),
+                pa.Check(lambda x: not isinstance(x, str) or x in TURN_ROLES, element_wise=True, name="role"),
+            ],
+        ),
         "content": _text(),
         # the turn's tool calls normalised to {id, name, arguments} (None: no calls)
-        "tool_calls": pa.Column(None, nullable=True, checks=pa.Check(_valid_calls, element_wise=True, name="tool_call")),
+        "tool_calls": pa.Column(
+            None, nullable=True, checks=pa.Check(_valid_calls, element_wise=True, name="tool_call")
+        ),
         "tool_call_id": pa.Column(None, nullable=True),
         "has_calls": pa.Column(bool),
         "open_call_ids": pa.Column(None),  # ids of the calls of the assistant turn before this one

@@ -11,26 +11,55 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 # S3 error codes that mean "fix the credentials, bucket or permissions", never "try again"
-PERMANENT_S3_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "ExpiredToken", "InvalidAccessKeyId", "InvalidBucketName",
-    "InvalidClientTokenId", "InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "UnrecognizedClientException",
-    "403", "Forbidden",
-})
-CREDENTIAL_S3_CODES = frozenset({
-    "ExpiredToken", "InvalidAccessKeyId", "InvalidClientTokenId", "InvalidToken", "SignatureDoesNotMatch",
-    "UnrecognizedClientException",
-})
+PERMANENT_S3_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "InvalidClientTokenId",
+        "InvalidToken",
+        "NoSuchBucket",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+        "403",
+        "Forbidden",
+    }
+)
+CREDENTIAL_S3_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidClientTokenId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
 # A missing or unreadable local file stays missing; a hub lookup that found nothing (hub errors
 # carry their own retries) too. Matched by name so this module imports neither boto nor the hub.
 _PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_PERMANENT_NAMES = frozenset({
-    # botocore, after its own retries
-    "NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError", "ParamValidationError",
-    "EndpointConnectionError", "ConnectTimeoutError", "InvalidConfigError",
-    # huggingface_hub
-    "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "OfflineModeIsEnabled",
-    "HFValidationError", "DisabledRepoError",
-})
+_PERMANENT_NAMES = frozenset(
+    {
+        # botocore, after its own retries
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "ProfileNotFound",
+        "NoRegionError",
+        "ParamValidationError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "InvalidConfigError",
+        # huggingface_hub
+        "RepositoryNotFoundError",
+        "GatedRepoError",
+        "RevisionNotFoundError",
+        "OfflineModeIsEnabled",
+        "HFValidationError",
+        "DisabledRepoError",
+    }
+)
 
 
 class PermanentError(Exception):
@@ -80,14 +109,18 @@ def one_line(exc: BaseException) -> str:
         endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
         return f"cannot connect to the S3 endpoint {endpoint}: check the endpoint URL and that the server is running"
     if name in ("NoCredentialsError", "PartialCredentialsError"):
-        return (f"S3 credentials missing ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "or a profile (AWS_PROFILE, execution.s3.profile)")
+        return (
+            f"S3 credentials missing ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or a profile (AWS_PROFILE, execution.s3.profile)"
+        )
     code = s3_error_code(exc)
     if code in CREDENTIAL_S3_CODES:
         return f"S3 rejected the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile"
     if "ephemeral Prefect API server" in str(exc):
-        return (f"{exc} Start a server (`prefect server start`) and set PREFECT_API_URL, or allow the temporary "
-                "one longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20)")
+        return (
+            f"{exc} Start a server (`prefect server start`) and set PREFECT_API_URL, or allow the temporary "
+            "one longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default 20)"
+        )
     lines = str(exc).strip().splitlines() or [""]
     head = f"{name}: {lines[0]}" if lines[0] else name
     return "\n".join([head, *(f"  {line.strip()}" for line in lines[1:] if line.strip())])

@@ -44,19 +44,27 @@ def _pre_tokenizer_name(spec: dict) -> str:
     """llama.cpp's name for the pre-tokenizer, read from tokenizer.json (convert_hf_to_gguf hashes sample text instead)."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True), s.get("add_prefix_space")) for s in steps]
+    kinds = [
+        (s.get("type"), s.get("individual_digits"), s.get("use_regex", True), s.get("add_prefix_space")) for s in steps
+    ]
     if kinds == [("ByteLevel", None, True, False)]:
         return "gpt-2"
     if kinds == [("Digits", True, True, None), ("ByteLevel", None, True, False)]:
         return "smollm"  # GPT-2's split after single digits: SmolLM/SmolLM2
-    raise GgufExportError(f"pre-tokenizer {[k[0] for k in kinds]} has no llama.cpp name the export knows (gpt-2, smollm)")
+    raise GgufExportError(
+        f"pre-tokenizer {[k[0] for k in kinds]} has no llama.cpp name the export knows (gpt-2, smollm)"
+    )
 
 
 def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     """HF's rotate-half q/k rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf LlamaModel.permute)."""
     if n_head_kv != n_head:
         n_head = n_head_kv
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def check_exportable(model_dir: Path) -> dict:
@@ -74,7 +82,9 @@ def check_exportable(model_dir: Path) -> dict:
         raise GgufExportError(f"{model_dir} has no tokenizer.json; the GGUF export needs a fast BPE tokenizer")
     spec = json.loads(tokenizer_json.read_text())
     if spec["model"]["type"] != "BPE":
-        raise GgufExportError(f"tokenizer model {spec['model']['type']} is not supported by the GGUF export yet (only GPT-2 style BPE)")
+        raise GgufExportError(
+            f"tokenizer model {spec['model']['type']} is not supported by the GGUF export yet (only GPT-2 style BPE)"
+        )
     _pre_tokenizer_name(spec)
     return config
 
@@ -138,7 +148,9 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str, name: str) -> Path:
 
     tokens, types, merges = _vocabulary(model_dir, tokenizer)
     if len(tokens) != config["vocab_size"]:
-        raise GgufExportError(f"tokenizer has {len(tokens)} tokens but the model's embedding has {config['vocab_size']} rows")
+        raise GgufExportError(
+            f"tokenizer has {len(tokens)} tokens but the model's embedding has {config['vocab_size']} rows"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(json.loads((model_dir / "tokenizer.json").read_text())))
     writer.add_token_list(tokens)
@@ -196,7 +208,9 @@ def load_gguf(gguf_dir: Path, file_name: str):
     return model, AutoTokenizer.from_pretrained(gguf_dir, gguf_file=file_name)
 
 
-def compare_models(reference, candidate, tokenizer, prompts: list[list[dict]], max_new_tokens: int, stop_ids: list[int], tie: float) -> dict:
+def compare_models(
+    reference, candidate, tokenizer, prompts: list[list[dict]], max_new_tokens: int, stop_ids: list[int], tie: float
+) -> dict:
     """Greedy answers and logits of candidate vs reference on the same token ids (the reference's tokenizer).
 
     A greedy divergence counts as a tie, not a mismatch, where the reference's two candidate logits are
@@ -207,13 +221,15 @@ def compare_models(reference, candidate, tokenizer, prompts: list[list[dict]], m
     max_diff, agree, positions, identical, ties, mismatches = 0.0, 0, 0, 0, 0, 0
     with torch.no_grad():
         for messages in prompts:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             ids = torch.tensor([prompt])
             answers = []
             for model in (reference, candidate):
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-                answers.append(out[0, len(prompt):].tolist())
+                answers.append(out[0, len(prompt) :].tolist())
             full = torch.tensor([prompt + answers[0]])
             ref_logits, got_logits = (m(input_ids=full).logits[0].float() for m in (reference, candidate))
             max_diff = max(max_diff, (got_logits - ref_logits).abs().max().item())

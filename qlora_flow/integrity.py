@@ -77,7 +77,8 @@ def note_legacy(where: str) -> None:
         _legacy_noted = True
         log.info(
             "%s (and possibly other entries) was stored before file sizes and SHA-256 were recorded; "
-            "such entries are used without verification until they are rebuilt", where,
+            "such entries are used without verification until they are rebuilt",
+            where,
         )
 
 
@@ -117,7 +118,9 @@ def problems(root: Path, listing: dict[str, dict], always_hash: bool = True) -> 
         elif stamp.get(rel) != stat:
             hashed = True
             if (digest := sha256_file(path)) != meta["sha256"]:
-                found.append({"file": rel, "problem": "sha256", "expected_sha256": meta["sha256"], "found_sha256": digest})
+                found.append(
+                    {"file": rel, "problem": "sha256", "expected_sha256": meta["sha256"], "found_sha256": digest}
+                )
     if not always_hash and hashed and not found:
         write_stamp(root, listing)
     return found
@@ -131,7 +134,9 @@ def describe(found: list[dict]) -> str:
         elif p["problem"] == "size":
             parts.append(f"{p['file']} has {p['found_size']} bytes, {p['expected_size']} recorded")
         else:
-            parts.append(f"{p['file']} has SHA-256 {p['found_sha256'][:12]}..., {p['expected_sha256'][:12]}... recorded")
+            parts.append(
+                f"{p['file']} has SHA-256 {p['found_sha256'][:12]}..., {p['expected_sha256'][:12]}... recorded"
+            )
     return "; ".join(parts)
 
 

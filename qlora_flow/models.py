@@ -118,7 +118,9 @@ def chatml_training_template(template: str) -> str | None:
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
         return None
     # Keep the model's own default-system-prompt block verbatim so training renders what inference renders.
-    match = re.search(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", template, re.DOTALL)
+    match = re.search(
+        r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", template, re.DOTALL
+    )
     system_block = match.group(0) if match else ""
     return (
         "{% for message in messages %}" + system_block + "{% if message['role'] == 'assistant' %}"
@@ -135,7 +137,11 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for candidate in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
         token_id = tokenizer.convert_tokens_to_ids(candidate)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and candidate in (tokenizer.chat_template or ""):
+        if (
+            isinstance(token_id, int)
+            and token_id != tokenizer.unk_token_id
+            and candidate in (tokenizer.chat_template or "")
+        ):
             ids.add(token_id)
     return sorted(i for i in ids if i is not None)
 

@@ -42,11 +42,15 @@ def _check_local_store(store: str) -> None:
         return
     path = Path(store).expanduser()
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"execution.store: {store!r} is a file, not a directory; point it at a directory or s3:// URI")
+        raise ConfigError(
+            f"execution.store: {store!r} is a file, not a directory; point it at a directory or s3:// URI"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)  # what opening the store does first anyway
     except OSError as exc:
-        raise ConfigError(f"execution.store: cannot create {store!r} ({exc.strerror}); choose another directory") from None
+        raise ConfigError(
+            f"execution.store: cannot create {store!r} ({exc.strerror}); choose another directory"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"execution.store: cannot write into {store!r} (permission denied); choose another directory")
 
@@ -110,7 +114,7 @@ def _ask_hub(repo_id: str, revision: str | None) -> str | None:
         try:
             HfApi().model_info(repo_id, revision=revision, timeout=HUB_DEADLINE_S / 2)
             outcome["error"] = None
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=lookup, name="hub-preflight", daemon=True)
@@ -142,11 +146,13 @@ def quick_s3_client(settings: S3Settings, endpoint_field: str, quick: bool = Tru
     from qlora_flow.s3store import make_client
 
     if quick:
-        settings = settings.model_copy(update={
-            "connect_timeout_s": min(settings.connect_timeout_s, S3_CONNECT_TIMEOUT_S),
-            "read_timeout_s": min(settings.read_timeout_s, 10.0),
-            "max_attempts": min(settings.max_attempts, S3_ATTEMPTS),
-        })
+        settings = settings.model_copy(
+            update={
+                "connect_timeout_s": min(settings.connect_timeout_s, S3_CONNECT_TIMEOUT_S),
+                "read_timeout_s": min(settings.read_timeout_s, 10.0),
+                "max_attempts": min(settings.max_attempts, S3_ATTEMPTS),
+            }
+        )
     try:
         return make_client(settings)
     except (BotoCoreError, ValueError) as exc:  # unknown profile, bad endpoint URL, missing credentials block
@@ -191,7 +197,9 @@ def check_s3_uri(client, field: str, uri: str, endpoint_field: str, must_exist: 
     except ClientError as exc:
         code = s3_error_code(exc)
         if code == "NoSuchBucket":
-            raise ConfigError(f"{field}: bucket {bucket!r} does not exist at {endpoint}; create it or fix {uri}") from None
+            raise ConfigError(
+                f"{field}: bucket {bucket!r} does not exist at {endpoint}; create it or fix {uri}"
+            ) from None
         if code in CREDENTIAL_S3_CODES:
             raise ConfigError(
                 f"execution.s3: {endpoint} rejected the credentials ({code}) for {uri}; check AWS_ACCESS_KEY_ID / "

@@ -59,7 +59,7 @@ def _model_files(manifest: dict, part: str) -> dict[str, dict]:
     for entry in manifest["files"]:
         if not entry["path"].startswith(part + "/"):
             continue
-        rel = entry["path"][len(part) + 1:]
+        rel = entry["path"][len(part) + 1 :]
         parts = PurePosixPath(rel).parts
         if not rel or rel.startswith("/") or ".." in parts:
             raise PullError(f"manifest of run {manifest['run_id']} lists an unsafe path {entry['path']!r}")
@@ -81,7 +81,9 @@ def _holds_run(dest: Path, run_id: str) -> bool:
 
 def _matches(path: Path, entry: dict) -> bool:
     return (
-        path.is_file() and not path.is_symlink() and path.stat().st_size == entry["size"]
+        path.is_file()
+        and not path.is_symlink()
+        and path.stat().st_size == entry["size"]
         and sha256_file(path) == entry["sha256"]
     )
 
@@ -129,7 +131,9 @@ def _repair(
     )
     if extra:
         shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
-        log.warning("%s holds %d file(s) that the manifest does not list, left as they are: %s", dest, len(extra), shown)
+        log.warning(
+            "%s holds %d file(s) that the manifest does not list, left as they are: %s", dest, len(extra), shown
+        )
     return PullReport(dest, checked=len(model_files), downloaded=restored, extra=extra)
 
 
@@ -179,7 +183,9 @@ def pull_and_verify(
             raise PullError(f"{pointer['manifest_uri']} does not match the checksum recorded in {store.uri(alias_key)}")
         manifest = json.loads(manifest_bytes)
         if manifest["run_id"] != pointer["run_id"]:
-            raise PullError(f"{name}:{alias} names run {pointer['run_id']} but its manifest is for run {manifest['run_id']}")
+            raise PullError(
+                f"{name}:{alias} names run {pointer['run_id']} but its manifest is for run {manifest['run_id']}"
+            )
 
         run = manifest_key.rsplit("/", 1)[0]
         label = f"{name}:{alias} (run {manifest['run_id']})"

@@ -19,7 +19,14 @@ from pathlib import Path
 from qlora_flow.config import ConfigError, S3Settings
 from qlora_flow.contracts import DataValidationError
 
-_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 # CSV cells hold whole conversations; the stdlib default (128 KiB) is too small for long chats
@@ -92,7 +99,9 @@ def _json(path: Path, uri: str) -> Iterator[RawRow]:
         if exc.msg == "Extra data":  # one object per line saved as .json: read it as JSON Lines
             yield from _jsonl(path, uri)
             return
-        raise file_error("parse", f"{uri} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        raise file_error(
+            "parse", f"{uri} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -110,7 +119,11 @@ def _csv(path: Path, uri: str) -> Iterator[RawRow]:
         for number, record in enumerate(reader, start=1):
             if None in record:  # DictReader files surplus cells under the key None
                 extra = record.pop(None)
-                yield RawRow(number, {**record, "_extra_cells": extra}, ("parse", f"row has more cells than the {len(record)} header columns"))
+                yield RawRow(
+                    number,
+                    {**record, "_extra_cells": extra},
+                    ("parse", f"row has more cells than the {len(record)} header columns"),
+                )
                 continue
             yield RawRow(number, record)
 
@@ -191,7 +204,7 @@ def local_copy(uri: str, settings: S3Settings, field: str) -> Iterator[Path]:
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
             for object_key in keys or [key]:
-                dest = target / object_key[len(prefix):] if keys else target
+                dest = target / object_key[len(prefix) :] if keys else target
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, object_key, str(dest))
         except ClientError as exc:

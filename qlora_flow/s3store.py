@@ -61,7 +61,7 @@ class UploadVerificationError(RuntimeError):
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"{uri!r} is not an s3:// URI")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
         raise ValueError(f"{uri!r} names no bucket")
     return bucket, prefix.strip("/")
@@ -209,7 +209,7 @@ class S3Store(ArtifactStore):
         return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
 
     def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
@@ -261,7 +261,9 @@ class S3Store(ArtifactStore):
     def _listing(self, key: str) -> dict[str, tuple[int, str]]:
         """Full key -> (size, ETag) of every object under the prefix key."""
         found = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(key) + "/"):
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._k(key) + "/"
+        ):
             found.update({obj["Key"]: (obj["Size"], obj["ETag"].strip('"')) for obj in page.get("Contents", [])})
         return found
 
@@ -269,7 +271,7 @@ class S3Store(ArtifactStore):
         """Delete everything stored at key (an object or a prefix)."""
         keys = [self._k(k) for k in self.list(key)]
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def file_info(self, key: str) -> tuple[int, str]:
@@ -278,7 +280,9 @@ class S3Store(ArtifactStore):
             raise FileNotFoundError(self.uri(key))
         sha_hex = head.get("Metadata", {}).get(_SHA256_META)
         if sha_hex and not _whole_sha256_agrees(head, sha_hex):
-            raise UploadVerificationError(f"{self.uri(key)}: stored SHA-256 metadata disagrees with the server's checksum")
+            raise UploadVerificationError(
+                f"{self.uri(key)}: stored SHA-256 metadata disagrees with the server's checksum"
+            )
         if not sha_hex:  # written by another tool: hash the stored bytes
             digest = hashlib.sha256()
             body = self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
@@ -310,7 +314,9 @@ class S3Store(ArtifactStore):
 
     def _abort_stale_uploads(self, key: str) -> None:
         """Multipart uploads left by a crashed commit hold storage until aborted."""
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._k(key) + "/")
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._k(key) + "/"
+        )
         for page in pages:
             for upload in page.get("Uploads", []):
                 log.info("aborting stale multipart upload of %s", upload["Key"])
@@ -334,7 +340,9 @@ class S3Store(ArtifactStore):
         # resume: an object already stored with this size and MD5-based ETag is not sent again
         todo = [p for p in files if present.get(self._k(rel[p])) != (digests[p].size, digests[p].etag)]
         if len(todo) < len(files):
-            log.info("%s: %d of %d files already uploaded and verified", self.uri(key), len(files) - len(todo), len(files))
+            log.info(
+                "%s: %d of %d files already uploaded and verified", self.uri(key), len(files) - len(todo), len(files)
+            )
 
         with create_transfer_manager(self.client, self.transfer) as manager:
             futures = [
@@ -372,8 +380,12 @@ class S3Store(ArtifactStore):
         root = self._local(key)
         local_marker = root / COMPLETE_MARKER
         listing = json.loads(marker)["files"]
-        if local_marker.exists() and local_marker.read_bytes() == marker and all(
-            (root / rel).is_file() and (root / rel).stat().st_size == meta["size"] for rel, meta in listing.items()
+        if (
+            local_marker.exists()
+            and local_marker.read_bytes() == marker
+            and all(
+                (root / rel).is_file() and (root / rel).stat().st_size == meta["size"] for rel, meta in listing.items()
+            )
         ):
             return root
         local_marker.unlink(missing_ok=True)
@@ -388,7 +400,12 @@ class S3Store(ArtifactStore):
                 self.download(f"{key}/{rel}", Path(tmp))
                 actual = sha256_file(tmp)
                 if actual != listing[rel]["sha256"]:
-                    problem = {"file": rel, "problem": "sha256", "expected_sha256": listing[rel]["sha256"], "found_sha256": actual}
+                    problem = {
+                        "file": rel,
+                        "problem": "sha256",
+                        "expected_sha256": listing[rel]["sha256"],
+                        "found_sha256": actual,
+                    }
                     raise integrity.CorruptEntry(
                         f"{self.uri(f'{key}/{rel}')}: SHA-256 {actual} != recorded {listing[rel]['sha256']}", [problem]
                     )
@@ -411,12 +428,14 @@ class S3Store(ArtifactStore):
         keys = self.list(key)
         for k in keys:  # the raw bytes as stored, whatever their checksum metadata says
             source = {"Bucket": self.bucket, "Key": self._k(k)}
-            self.client.copy(source, self.bucket, self._k(f"{where}/entry/{k[len(key.strip('/')) + 1:]}"), Config=self.transfer)
+            self.client.copy(
+                source, self.bucket, self._k(f"{where}/entry/{k[len(key.strip('/')) + 1 :]}"), Config=self.transfer
+            )
         self.write_json(f"{where}/{layout.REASON_NAME}", integrity.reason_document(key, problems))
         marker = f"{key.strip('/')}/{COMPLETE_MARKER}"
         self.client.delete_object(Bucket=self.bucket, Key=self._k(marker))
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._k(k)} for k in keys[start:start + 1000] if k != marker]
+            batch = [{"Key": self._k(k)} for k in keys[start : start + 1000] if k != marker]
             if batch:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         shutil.rmtree(self._local(key), ignore_errors=True)
@@ -458,6 +477,9 @@ class S3Store(ArtifactStore):
         log.warning("%s: server does not support conditional writes; using compare-then-write", self.uri(key))
         _, current = self.read_alias(key)
         if current != expected_version:
-            raise AliasConflict(f"{self.uri(key)} changed since it was read (expected {expected_version}, found {current})")
-        return self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=body, ContentType="application/json")["ETag"]
-
+            raise AliasConflict(
+                f"{self.uri(key)} changed since it was read (expected {expected_version}, found {current})"
+            )
+        return self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=body, ContentType="application/json")[
+            "ETag"
+        ]

@@ -33,7 +33,12 @@ Entry = TypeVar("Entry", bound=BaseModel)
 # Settings that do not change the trained weights (beyond float rounding) stay out of the fingerprint: they only
 # choose how a step is computed (micro-batch split, recomputation, kernels, where activations wait).
 _NON_RESULT_TRAINING_FIELDS = {
-    "save_steps", "logging_steps", "compile", "offload", "gradient_checkpointing", "memory_budget_gib",
+    "save_steps",
+    "logging_steps",
+    "compile",
+    "offload",
+    "gradient_checkpointing",
+    "memory_budget_gib",
 }
 
 
@@ -108,5 +113,7 @@ def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseMo
     key = entry_key(kind, fingerprint)
     out = store.workdir(key)
     # keys, not URIs: the entry stays valid when the store is copied or moved
-    (out / CACHE_ENTRY_NAME).write_text(json.dumps(store.as_keys(entry.model_dump(mode="json")), indent=2, sort_keys=True))
+    (out / CACHE_ENTRY_NAME).write_text(
+        json.dumps(store.as_keys(entry.model_dump(mode="json")), indent=2, sort_keys=True)
+    )
     return store.commit(key)

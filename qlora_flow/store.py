@@ -100,7 +100,7 @@ class ArtifactStore(ABC):
         store was copied or moved from (older stores recorded absolute URIs) whose tail is a key stored here."""
         prefix = self.uri("").rstrip("/") + "/"
         if uri.startswith(prefix):
-            return uri[len(prefix):].strip("/")
+            return uri[len(prefix) :].strip("/")
         segments = [s for s in uri.split("://", 1)[-1].split("/") if s]
         if "://" not in uri and not uri.startswith("/") and segments and segments[0] in _TOP_LEVEL:
             return "/".join(segments)
@@ -118,7 +118,8 @@ class ArtifactStore(ABC):
         if isinstance(document, dict):
             prefix = self.uri("").rstrip("/") + "/"
             return {
-                k: v[len(prefix):] if _is_reference_field(k) and isinstance(v, str) and v.startswith(prefix)
+                k: v[len(prefix) :]
+                if _is_reference_field(k) and isinstance(v, str) and v.startswith(prefix)
                 else self.as_keys(v)
                 for k, v in document.items()
             }
@@ -129,7 +130,9 @@ class ArtifactStore(ABC):
     def as_uris(self, document):
         """Inverse of as_keys for a document read from the store (legacy absolute URIs are mapped too)."""
         if isinstance(document, dict):
-            return {k: self._uri_of_reference(v) if _is_reference_field(k) else self.as_uris(v) for k, v in document.items()}
+            return {
+                k: self._uri_of_reference(v) if _is_reference_field(k) else self.as_uris(v) for k, v in document.items()
+            }
         if isinstance(document, list):
             return [self.as_uris(v) for v in document]
         return document
@@ -320,7 +323,9 @@ class LocalStore(ArtifactStore):
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
             if current != expected_version:
-                raise AliasConflict(f"{self.uri(key)} changed since it was read (expected {expected_version}, found {current})")
+                raise AliasConflict(
+                    f"{self.uri(key)} changed since it was read (expected {expected_version}, found {current})"
+                )
             self.write_json(key, document)
 
 

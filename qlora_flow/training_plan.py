@@ -161,7 +161,9 @@ def plan_training(
                     reason = (f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}"
                               f"{', offload to CPU' if off else ''}: ~{peak:.1f} GiB (+ margin {planned - peak:.1f}) "
                               f"of {budget:.0f}")  # fmt: skip
-                    plan = TrainingPlan(use_packing, ckpt, compiled, off, micro, rank_batch // micro, attn, round(peak, 1), reason)
+                    plan = TrainingPlan(
+                        use_packing, ckpt, compiled, off, micro, rank_batch // micro, attn, round(peak, 1), reason
+                    )
                     best = (speed, plan)
         return None if best is None else best[1]
 

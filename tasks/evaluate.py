@@ -293,7 +293,11 @@ def comparison_markdown(report: EvalReport, run_id: str) -> str:
 
 
 def measure(
-    cfg: PipelineConfig, store: ArtifactStore, conversations: list[Conversation], base: PreparedBase, adapter: AdapterRef
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    conversations: list[Conversation],
+    base: PreparedBase,
+    adapter: AdapterRef,
 ) -> Measurement:
     """Metrics and sample answers of the base (adapter disabled) and the tuned model, loaded once."""
     adapter_dir, base_dir = local_path(store, adapter.uri), local_path(store, base.full_precision_uri)

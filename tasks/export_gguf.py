@@ -49,7 +49,9 @@ def _verify_prompts(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDa
     return [messages[:-1] for messages in rows[: cfg.merge.verify_prompts]]
 
 
-def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, merged: MergedModel, data: ValidatedDataset) -> GgufExport:
+def export_gguf_files(
+    cfg: PipelineConfig, store: ArtifactStore, merged: MergedModel, data: ValidatedDataset
+) -> GgufExport:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +63,9 @@ def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, merged: MergedM
     )  # fmt: skip
     key = cache_key("gguf", fingerprint)
     if store.is_complete(key):
-        log.info("GGUF files for merged model %s already exported and verified: %s", merged.fingerprint[:16], store.uri(key))
+        log.info(
+            "GGUF files for merged model %s already exported and verified: %s", merged.fingerprint[:16], store.uri(key)
+        )
         files = {q: gguf_file_name(q) for q in cfg.export.gguf}
         return GgufExport(uri=store.uri(key), files=files, verification=store.read_json(f"{key}/verification.json"))
     model_dir = store.fetch(store.key_of(merged.uri))
@@ -81,21 +85,37 @@ def export_gguf_files(cfg: PipelineConfig, store: ArtifactStore, merged: MergedM
         export_gguf(model_dir, out / name, qtype, cfg.publish.model_name)
         model, file_tokenizer = load_gguf(out, name)
         result = compare_models(
-            reference, model, tokenizer, prompts, cfg.evaluation.max_new_tokens, stop_ids, 2 * cfg.merge.logits_atol_16bit
+            reference,
+            model,
+            tokenizer,
+            prompts,
+            cfg.evaluation.max_new_tokens,
+            stop_ids,
+            2 * cfg.merge.logits_atol_16bit,
         )
         del model
         gc.collect()
-        same_ids = all(file_tokenizer(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered)
+        same_ids = all(
+            file_tokenizer(t, add_special_tokens=False)["input_ids"]
+            == tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in rendered
+        )
         result |= {"tokenizer_same_ids": same_ids, "same_chat_template": file_tokenizer.chat_template == tokenizer.chat_template,
                    "bytes": (out / name).stat().st_size}  # fmt: skip
         verification[qtype], files[qtype] = result, name
         log.info("GGUF %s: %s", name, json.dumps(result, sort_keys=True))
         if qtype == "f16" and result["greedy_identical"] != result["prompts"]:
-            failures.append(f"{name}: {result['prompts'] - result['greedy_identical']} of {result['prompts']} greedy answers differ from the merged model's")
+            failures.append(
+                f"{name}: {result['prompts'] - result['greedy_identical']} of {result['prompts']} greedy answers differ from the merged model's"
+            )
         if qtype == "q8_0" and result["top1_agreement"] < cfg.export.q8_0_min_top1_agreement:
-            failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} < export.q8_0_min_top1_agreement {cfg.export.q8_0_min_top1_agreement}")
+            failures.append(
+                f"{name}: top-1 agreement {result['top1_agreement']:.4f} < export.q8_0_min_top1_agreement {cfg.export.q8_0_min_top1_agreement}"
+            )
         if not (same_ids and result["same_chat_template"]):
-            failures.append(f"{name}: the tokenizer read back from the file differs (same ids: {same_ids}, same chat template: {result['same_chat_template']})")
+            failures.append(
+                f"{name}: the tokenizer read back from the file differs (same ids: {same_ids}, same chat template: {result['same_chat_template']})"
+            )
     if failures:
         raise GgufVerificationError(f"GGUF export at {store.uri(key)} failed verification: " + "; ".join(failures))
     (out / "verification.json").write_text(json.dumps(verification, indent=2, sort_keys=True))

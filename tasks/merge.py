@@ -51,7 +51,6 @@ from qlora_flow.stage_inputs import Conversation, local_path, read_conversations
 from qlora_flow.store import ArtifactStore, open_store
 from qlora_flow.training_template import end_of_turn_in_training_mask
 
-
 log = logging.getLogger(__name__)
 
 
@@ -137,8 +136,12 @@ def probe(
         ids = torch.tensor([prompt], device=device)
         kwargs = {"eos_token_id": eos} if eos is not None else {}
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, **kwargs,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
         )
         generated = out[0, len(prompt) :].tolist()
         answer = reference[i].generated if reference else generated
@@ -304,7 +307,9 @@ def verify_saved(
     if result["top1_agreement"] < m.min_top1_agreement:
         failures.append(f"reloaded: top-1 agreement {result['top1_agreement']:.4f} < {m.min_top1_agreement:.4f}")
     if result["greedy_mismatches"]:
-        failures.append(f"reloaded: {result['greedy_mismatches']} of {len(prompts)} greedy answers differ from the adapter's")
+        failures.append(
+            f"reloaded: {result['greedy_mismatches']} of {len(prompts)} greedy answers differ from the adapter's"
+        )
     verification.update(
         stops_at_end_of_turn=stops_ok,
         answers_ended_by_end_of_turn=stopped,
@@ -313,7 +318,9 @@ def verify_saved(
     if not stops_ok:
         failures.append("reloaded model generated past the end-of-turn token with its saved generation config")
     if eos_masked is False:
-        failures.append("the training assistant mask leaves out the end-of-turn token: the model was not taught to stop")
+        failures.append(
+            "the training assistant mask leaves out the end-of-turn token: the model was not taught to stop"
+        )
     return verification, failures
 
 
@@ -400,7 +407,9 @@ def merge_adapter(
         raise MergeVerificationError(f"merged model at {store.uri(key)} failed verification: " + "; ".join(failures))
 
     (out / "verification.json").write_text(json.dumps(verification, indent=2, sort_keys=True))
-    (out / "README.md").write_text(model_card(cfg, run_id, base, adapter, adapter_dir, dtype, verification, report, data))
+    (out / "README.md").write_text(
+        model_card(cfg, run_id, base, adapter, adapter_dir, dtype, verification, report, data)
+    )
     uri = store.commit(key)
     return MergedModel(
         uri=uri,

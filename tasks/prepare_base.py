@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -106,7 +106,11 @@ def prepare_base_model(cfg: PipelineConfig, store: ArtifactStore) -> PreparedBas
     if cfg.quantization.load_in_4bit:
         nf4_key = base_nf4_key(source_fp, fingerprint)
         if store.verified(nf4_key, always_hash=False) is None:
-            log.info("quantizing base model to %s (double quant %s)", cfg.quantization.quant_type, cfg.quantization.double_quant)
+            log.info(
+                "quantizing base model to %s (double quant %s)",
+                cfg.quantization.quant_type,
+                cfg.quantization.double_quant,
+            )
             model = load_nf4_model(full_dir, plan.compute_dtype, plan.device, cfg.quantization)
             out = store.workdir(nf4_key)
             model.save_pretrained(out)
@@ -147,6 +151,8 @@ def _parameter_count(model_dir) -> int:
 
 # No Prefect cache: the stage is content-addressed itself (a changed model file must never hit a config-keyed
 # cache), and finding both checkpoints already stored costs one hash of the source.
-@task(name="prepare_base_model", retries=1, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
+@task(
+    name="prepare_base_model", retries=1, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE
+)
 def prepare_base_model_task(cfg: PipelineConfig) -> PreparedBase:
     return prepare_base_model(cfg, open_store(cfg.execution))

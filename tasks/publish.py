@@ -87,7 +87,11 @@ def _under(key: str, prefix: str) -> bool:
 
 
 def _plan(
-    store: ArtifactStore, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
+    store: ArtifactStore,
+    merged: MergedModel,
+    adapter: AdapterRef,
+    report: EvalReport,
+    data: ValidatedDataset,
     gguf: GgufExport | None = None,
 ) -> dict[str, str]:
     """Destination path (relative to the run) -> source key, for every file the run publishes."""
@@ -97,11 +101,13 @@ def _plan(
     plan: dict[str, str] = {}
 
     def add_tree(src: str, part: str, skip: str | None = None) -> None:
-        keys = [k for k in store.list(src) if PurePosixPath(k).name != COMPLETE_MARKER and not (skip and _under(k, skip))]
+        keys = [
+            k for k in store.list(src) if PurePosixPath(k).name != COMPLETE_MARKER and not (skip and _under(k, skip))
+        ]
         if not keys:
             raise PublishError(f"nothing stored under {store.uri(src)} for {part}/")
         for k in keys:
-            plan[f"{part}/{k[len(src) + 1:]}"] = k
+            plan[f"{part}/{k[len(src) + 1 :]}"] = k
 
     def add_file(uri: str | None, part: str) -> None:
         if uri and not any(v == store.key_of(uri) for v in plan.values()):
@@ -123,7 +129,9 @@ def _plan(
     return plan
 
 
-def adapter_card(cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter: AdapterRef, base: PreparedBase) -> str:
+def adapter_card(
+    cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter: AdapterRef, base: PreparedBase
+) -> str:
     """README of the published adapter: which base it belongs on, and how to load or serve it."""
     lora = json.loads(store.read_bytes(f"{store.key_of(adapter.uri)}/adapter_config.json"))
     metadata = {
@@ -135,7 +143,9 @@ def adapter_card(cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter
             "base_model_source": base.model_id,
             "base_fingerprint": base.fingerprint,
             "adapter_fingerprint": adapter.fingerprint,
-            "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora")},
+            "lora": {
+                k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora")
+            },
         },
     }
     body = (
@@ -150,8 +160,14 @@ def adapter_card(cfg: PipelineConfig, store: ArtifactStore, run_id: str, adapter
 
 
 def publication_fingerprint(
-    cfg: PipelineConfig, *, merged: MergedModel, adapter: AdapterRef, report: EvalReport, data: ValidatedDataset,
-    base: PreparedBase, gguf: GgufExport | None = None,
+    cfg: PipelineConfig,
+    *,
+    merged: MergedModel,
+    adapter: AdapterRef,
+    report: EvalReport,
+    data: ValidatedDataset,
+    base: PreparedBase,
+    gguf: GgufExport | None = None,
 ) -> str | None:
     """What a publication's content follows from: model, adapter, data, base, recipe, measured numbers and
     publish settings. None when the evaluation carries no fingerprint: such a run is never taken as a repeat."""
@@ -277,13 +293,64 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     run = manifest_key.rsplit("/", 1)[0]
     stored = set(store.list(run))
     missing = [
-        f["path"] for f in manifest["files"] if stored_key(run, f) not in stored and not store.exists(stored_key(run, f))
+        f["path"]
+        for f in manifest["files"]
+        if stored_key(run, f) not in stored and not store.exists(stored_key(run, f))
     ]
     if hashlib.sha256(manifest_bytes).hexdigest() != document["manifest_sha256"] or missing:
         log.warning("%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
                     document["manifest_uri"], ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
         return None
     return document, manifest
+
+
+def _record_same_as(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    run_id: str,
+    served: tuple[dict, dict],
+    fingerprint: str,
+    flow_run_id: str | None,
+) -> PublishedModel:
+    run = run_key(run_id)
+    # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
+    # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
+    document, manifest = served
+    store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
+        "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
+        "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
+        "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
+        "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
+        "flow_run_id": flow_run_id,
+    }))  # fmt: skip
+    log.info("%s:%s already serves this publication (run %s); nothing copied",
+             cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
+    return PublishedModel(
+        run_uri=store.uri(run), manifest_uri=document["manifest_uri"], model_uri=document["model_uri"],
+        alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)), alias_moved=False,
+        files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
+    )  # fmt: skip
+
+
+def _write_run_files(
+    store: ArtifactStore, run: str, plan: dict[str, str], sources: dict, stored_at: dict[str, str]
+) -> None:
+    """Copy the run's files into runs/<id>/ (checked after copying) and mark each part complete."""
+    for dst, src in plan.items():
+        target = f"{run}/{dst}"
+        if src == target or dst in stored_at:  # the merged model, verified when the merge stage committed it
+            continue
+        if _info_or_none(store, target) != sources[dst]:  # skips copies a crashed attempt finished
+            store.copy(src, target)
+            if _info_or_none(store, target) != sources[dst]:
+                raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
+    for part in sorted({dst.split("/", 1)[0] for dst in plan} - {"model"}):
+        listing = {
+            dst.split("/", 1)[1]: {"size": size, "sha256": sha}
+            for dst, (size, sha) in sources.items()
+            if dst.startswith(part + "/")
+        }
+        store.write_json(f"{run}/{part}/{COMPLETE_MARKER}", {"files": listing})
 
 
 def publish_run(
@@ -301,39 +368,37 @@ def publish_run(
 ) -> PublishedModel:
     run = run_key(run_id)
     manifest_key = f"{run}/{MANIFEST_NAME}"
-    fingerprint = publication_fingerprint(cfg, merged=merged, adapter=adapter, report=report, data=data, base=base, gguf=gguf)
+    fingerprint = publication_fingerprint(
+        cfg, merged=merged, adapter=adapter, report=report, data=data, base=base, gguf=gguf
+    )
     served = _served_publication(store, cfg, fingerprint) if report.verdict.passed else None
     if served is not None and served[0]["run_id"] != run_id and not store.exists(manifest_key):
-        # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
-        # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
-        document, manifest = served
-        store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
-            "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
-            "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
-            "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
-            "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
-            "flow_run_id": flow_run_id,
-        }))  # fmt: skip
-        log.info("%s:%s already serves this publication (run %s); nothing copied",
-                 cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
-        return PublishedModel(
-            run_uri=store.uri(run), manifest_uri=document["manifest_uri"], model_uri=document["model_uri"],
-            alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)), alias_moved=False,
-            files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
-        )  # fmt: skip
+        return _record_same_as(cfg, store, run_id, served, fingerprint, flow_run_id)
 
     plan = _plan(store, merged, adapter, report, data, gguf)
     # the adapter is served as it is (vLLM/TGI LoRA modules): its README names the base it belongs on
     card, card_key = adapter_card(cfg, store, run_id, adapter, base).encode(), f"{run}/adapter/README.md"
-    if _info_or_none(store, card_key) != (len(card), hashlib.sha256(card).hexdigest()):  # publishing again writes nothing
+    if _info_or_none(store, card_key) != (
+        len(card),
+        hashlib.sha256(card).hexdigest(),
+    ):  # publishing again writes nothing
         store.write_bytes(card_key, card)
     plan["adapter/README.md"] = card_key
     sources = {dst: store.file_info(src) for dst, src in plan.items()}
     # a merged model reused from an earlier run (qlora_flow.stage_cache) stays where it is; the manifest says where
     stored_at = {dst: src for dst, src in plan.items() if dst.startswith("model/") and src != f"{run}/{dst}"}
     manifest = build_manifest(
-        cfg, run_id, sources, merged=merged, adapter=adapter, report=report, data=data, base=base, flow_run_id=flow_run_id,
-        stored_at=stored_at, gguf=gguf,
+        cfg,
+        run_id,
+        sources,
+        merged=merged,
+        adapter=adapter,
+        report=report,
+        data=data,
+        base=base,
+        flow_run_id=flow_run_id,
+        stored_at=stored_at,
+        gguf=gguf,
     )
 
     if store.exists(manifest_key):
@@ -346,21 +411,7 @@ def publish_run(
         manifest = existing
         log.info("run %s is already published; only checking the aliases", run_id)
     else:
-        for dst, src in plan.items():
-            target = f"{run}/{dst}"
-            if src == target or dst in stored_at:  # the merged model, verified when the merge stage committed it
-                continue
-            if _info_or_none(store, target) != sources[dst]:  # skips copies a crashed attempt finished
-                store.copy(src, target)
-                if _info_or_none(store, target) != sources[dst]:
-                    raise PublishError(f"{store.uri(target)} does not match its source {store.uri(src)} after copying")
-        for part in sorted({dst.split("/", 1)[0] for dst in plan} - {"model"}):
-            listing = {
-                dst.split("/", 1)[1]: {"size": size, "sha256": sha}
-                for dst, (size, sha) in sources.items()
-                if dst.startswith(part + "/")
-            }
-            store.write_json(f"{run}/{part}/{COMPLETE_MARKER}", {"files": listing})
+        _write_run_files(store, run, plan, sources, stored_at)
         store.write_json(manifest_key, manifest)
 
     model_uri = merged.uri
@@ -405,7 +456,9 @@ def _announce(
     alias_line = (
         f"`{cfg.publish.alias}` now points to this run" if published.alias_moved else f"`{cfg.publish.alias}` not moved"
     )
-    metrics = "\n".join(f"| {k} | {report.base_metrics.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in report.tuned_metrics.items())
+    metrics = "\n".join(
+        f"| {k} | {report.base_metrics.get(k, float('nan')):.4g} | {v:.4g} |" for k, v in report.tuned_metrics.items()
+    )
     create_markdown_artifact(
         key=f"published-{slug}",
         markdown=(
@@ -448,7 +501,9 @@ def publish_task(
     logger = get_run_logger()
     # keyed on store + run: a second publish of the same run returns the recorded result untouched,
     # unless the manifest has vanished from the store since (then the record is stale and is replaced)
-    key = "publish-" + hashlib.sha256(f"{store.uri(run_key(run_id))}|{cfg.publish.model_name}".encode()).hexdigest()[:32]
+    key = (
+        "publish-" + hashlib.sha256(f"{store.uri(run_key(run_id))}|{cfg.publish.model_name}".encode()).hexdigest()[:32]
+    )
     in_store = store.exists(f"{run_key(run_id)}/{MANIFEST_NAME}")
     with transaction(key=key, write_on_commit=True, overwrite=not in_store) as txn:
         if txn.is_committed():
@@ -457,8 +512,16 @@ def publish_task(
                 logger.info("run %s was already published (transaction %s)", run_id, key)
                 return record.result
         published = publish_run(
-            cfg, store, run_id, merged=merged, adapter=adapter, report=report, data=data, base=base,
-            flow_run_id=flow_run.get_id(), gguf=gguf,
+            cfg,
+            store,
+            run_id,
+            merged=merged,
+            adapter=adapter,
+            report=report,
+            data=data,
+            base=base,
+            flow_run_id=flow_run.get_id(),
+            gguf=gguf,
         )
         txn.stage(published)
     if published.same_as_run:
@@ -466,6 +529,8 @@ def publish_task(
         logger.info("%s:%s already serves this model (run %s); recorded %s/%s", cfg.publish.model_name,
                     cfg.publish.alias, published.same_as_run, published.run_uri, SAME_AS_NAME)  # fmt: skip
         return published
-    logger.info("published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved)
+    logger.info(
+        "published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved
+    )
     _announce(cfg, store, run_id, published, report)
     return published

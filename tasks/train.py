@@ -59,9 +59,16 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
     # `packing: auto` packs on GPUs only, and a packed row holds several examples: resolved, it names the recipe.
     packed = resolve_packing(cfg.training.packing, base.device)
     return combine(
-        "adapter", data.fingerprint, base.fingerprint, recipe_fingerprint(cfg), {"packed": packed},
+        "adapter",
+        data.fingerprint,
+        base.fingerprint,
+        recipe_fingerprint(cfg),
+        {"packed": packed},
         code_version(
-            "qlora_flow.recipe", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan",
+            "qlora_flow.recipe",
+            "qlora_flow.models",
+            "qlora_flow.hardware",
+            "qlora_flow.training_plan",
             "qlora_flow.training_template",
         ),
         library_versions(),
@@ -140,7 +147,9 @@ def run_training(
     )
     if int(os.environ.get("RANK", "0")) == 0:
         # keys, not URIs: the reference stays valid when the store is copied or moved
-        (inputs.adapter_dir / ADAPTER_REF_NAME).write_text(json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2))
+        (inputs.adapter_dir / ADAPTER_REF_NAME).write_text(
+            json.dumps(store.as_keys(ref.model_dump(mode="json")), indent=2)
+        )
         store.commit(adapter_out_key)
     return ref
 
@@ -209,7 +218,7 @@ def run_training_in_child(
                 line = line.rstrip()
                 if line.startswith(PROGRESS_PREFIX):
                     if on_progress:
-                        on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
+                        on_progress(json.loads(line[len(PROGRESS_PREFIX) :]))
                 elif line:
                     on_line(line)
             proc.wait()
@@ -308,7 +317,14 @@ def train_adapter_exclusively(
         return train_adapter(cfg, store, data, base, on_line=on_line, on_progress=on_progress)
 
 
-@task(name="train_adapter", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=30, retry_condition_fn=is_retryable)
+@task(
+    name="train_adapter",
+    cache_key_fn=_cache_key,
+    persist_result=True,
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=is_retryable,
+)
 def train_adapter_task(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> AdapterRef:
     logger = get_run_logger()
     progress = TrainingProgressArtifact()

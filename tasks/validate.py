@@ -148,7 +148,10 @@ def _openai_calls(value: object) -> list[dict] | None:
         return None
     if not isinstance(value, list):
         return [_call(value)]
-    return [_call(c.get("function") if isinstance(c, dict) else c, c.get("id") if isinstance(c, dict) else None) for c in value]
+    return [
+        _call(c.get("function") if isinstance(c, dict) else c, c.get("id") if isinstance(c, dict) else None)
+        for c in value
+    ]
 
 
 def _sharegpt_calls(value: object) -> list[dict]:
@@ -162,7 +165,9 @@ def _with_calls(text: object, calls: list[dict] | None) -> object:
     if not calls or not (text is None or isinstance(text, str)):
         return text
     blocks = [
-        "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) + "\n</tool_call>"
+        "<tool_call>\n"
+        + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
+        + "\n</tool_call>"
         for c in calls
     ]
     return "\n".join(([text.strip()] if text and text.strip() else []) + blocks)
@@ -189,7 +194,9 @@ def _to_messages(shape: str, row: dict) -> Messages:
     if shape == "prompt_completion":
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     context = row.get("input")
-    prompt = f"{row['instruction']}\n\n{context}" if isinstance(context, str) and context.strip() else row["instruction"]
+    prompt = (
+        f"{row['instruction']}\n\n{context}" if isinstance(context, str) and context.strip() else row["instruction"]
+    )
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
 
@@ -223,7 +230,9 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
     frame = pd.DataFrame(cells, index=list(records), columns=list(schema.columns), dtype=object)
     for case in failures(schema, frame):
         column = case.column
-        chunk.reject(case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} (got {_got(case.value)})")
+        chunk.reject(
+            case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} (got {_got(case.value)})"
+        )
     for i, record in records.items():
         if not chunk.reasons[i]:
             messages = _to_messages(shape, record)
@@ -244,7 +253,20 @@ _CHECK_FIELDS = {"tool_call_id": "tool_call_id"}
 
 def _check_turns(chunk: _Chunk, shape: str) -> None:
     """The TURNS contract over every turn of the chunk, then tool turns folded into stored messages."""
-    cols: dict[str, list] = {k: [] for k in ("row", "turn", "n_turns", "role", "content", "tool_calls", "tool_call_id", "has_calls", "open_call_ids")}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "row",
+            "turn",
+            "n_turns",
+            "role",
+            "content",
+            "tool_calls",
+            "tool_call_id",
+            "has_calls",
+            "open_call_ids",
+        )
+    }
     for i, messages in enumerate(chunk.messages):
         open_ids: frozenset = frozenset()
         for t, turn in enumerate(messages or ()):
@@ -270,10 +292,17 @@ def _check_turns(chunk: _Chunk, shape: str) -> None:
         where = f"{prefix}[{turn['turn']}]"
         if case.column:
             field_name = names.get(case.column, case.column)
-            chunk.reject(turn["row"], case.check, f"{where}.{field_name}", f"{CHECKS[case.check]} (got {_got(case.value)})")
+            chunk.reject(
+                turn["row"], case.check, f"{where}.{field_name}", f"{CHECKS[case.check]} (got {_got(case.value)})"
+            )
         else:
             field_name = names.get("role", "role") if case.check not in _CHECK_FIELDS else _CHECK_FIELDS[case.check]
-            chunk.reject(turn["row"], case.check, f"{where}.{field_name}", f"{CHECKS[case.check]} (turn {turn['turn']} is {turn['role']!r})")
+            chunk.reject(
+                turn["row"],
+                case.check,
+                f"{where}.{field_name}",
+                f"{CHECKS[case.check]} (turn {turn['turn']} is {turn['role']!r})",
+            )
     chunk.messages = [fold_tool_turns(m) if m is not None else None for m in chunk.messages]
 
 
@@ -331,7 +360,9 @@ class _Lengths:
         unsure = [i for i, n in enumerate(counts) if n > self.limit]
         if unsure:
             # apply_chat_template(tokenize=True) also encodes without extra special tokens: same count
-            ids = self.tokenizer([texts[i] for i in unsure], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            ids = self.tokenizer([texts[i] for i in unsure], add_special_tokens=False, return_attention_mask=False)[
+                "input_ids"
+            ]
             for i, row_ids in zip(unsure, ids):
                 counts[i] = len(row_ids)
         return counts
@@ -404,7 +435,11 @@ def _tokenizer_identity(tokenizer) -> str:
 
 def _settings(cfg: PipelineConfig, tokenizer) -> str:
     """Everything besides the rows that shapes the outputs; thresholds are left out on purpose."""
-    split = {"eval_file": True} if cfg.data.eval_path else {"eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.split_seed}
+    split = (
+        {"eval_file": True}
+        if cfg.data.eval_path
+        else {"eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.split_seed}
+    )
     code = hashlib.sha256(b"".join(p.read_bytes() for p in _CODE_FILES)).hexdigest()
     lengths = {"max_seq_length": cfg.training.max_seq_length, "overlength_policy": cfg.data.overlength_policy}
     return combine(split, lengths, _tokenizer_identity(tokenizer), code)
@@ -436,7 +471,9 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
     digests: list[bytes] = []  # one per input row, for the order-independent content hash
     lengths = _Lengths(tokenizer, cfg.training.max_seq_length, _tokens_never_shorter_than_a_byte(tokenizer))
     with ExitStack() as stack:
-        writers = {s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")}
+        writers = {
+            s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")
+        }
         quarantine = stack.enter_context(open(workdir / "quarantine.jsonl", "w", encoding="utf-8"))
         for source in sources:
             seen_exact: set[bytes] = set()
@@ -475,7 +512,9 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                         eval_prompts.add(prompt)
                         out["eval"].append(messages)
                     else:
-                        out["eval" if not cfg.data.eval_path and _in_eval(prompt, cfg.data) else "train"].append(messages)
+                        out["eval" if not cfg.data.eval_path and _in_eval(prompt, cfg.data) else "train"].append(
+                            messages
+                        )
                 for split, kept in out.items():
                     if kept:
                         writers[split].write_table(pa.Table.from_pydict({"messages": kept}, schema=_SCHEMA))
@@ -485,12 +524,20 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                         continue
                     totals["rejected"] += 1
                     counts.update({r["check"] for r in reasons})
-                    entry = {"file": source.uri, "split": source.split, "row": row.number, "raw": row.value, "reasons": reasons}
+                    entry = {
+                        "file": source.uri,
+                        "split": source.split,
+                        "row": row.number,
+                        "raw": row.value,
+                        "reasons": reasons,
+                    }
                     quarantine.write(_canonical(entry) + "\n")
                     if len(examples) < MAX_EXAMPLES:
                         examples.append({"file": source.uri, "row": row.number, **reasons[0]})
             totals["input"] += n_rows
-            per_source.append({"file": source.uri, "split": source.split, "format": source.fmt, "shape": shape, "rows": n_rows})
+            per_source.append(
+                {"file": source.uri, "split": source.split, "format": source.fmt, "shape": shape, "rows": n_rows}
+            )
     # the "nothing lost" invariant: every input row is in exactly one of train, eval, quarantine
     assert totals["train"] + totals["eval"] + totals["rejected"] == totals["input"], totals
     digests.sort()
@@ -529,7 +576,9 @@ def _enforce(report: dict, data: DataConfig) -> None:
     for split, minimum in (("train", data.min_train_rows), ("eval", data.min_eval_rows)):
         if report[f"n_{split}"] < minimum:
             verdicts["min_rows"] = 1
-            problems.append(f"{split} split has {report[f'n_{split}']} rows, data.min_{split}_rows is {minimum} [min_rows]")
+            problems.append(
+                f"{split} split has {report[f'n_{split}']} rows, data.min_{split}_rows is {minimum} [min_rows]"
+            )
     if not problems:
         return
     lines = ["dataset validation failed:", *(f"  {p}" for p in problems)]
@@ -537,7 +586,10 @@ def _enforce(report: dict, data: DataConfig) -> None:
         lines.append("rejected rows per check:")
         lines += [f"  {check}: {n} ({CHECKS[check]})" for check, n in report["checks"].items()]
         lines.append(f"first {len(report['examples'])} offending rows:")
-        lines += [f"  {e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}" for e in report["examples"]]
+        lines += [
+            f"  {e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}"
+            for e in report["examples"]
+        ]
     lines.append(f"quarantine: {report['quarantine_uri']}  report: {report['report_uri']}")
     raise DataValidationError("\n".join(lines), report["checks"] | verdicts, report)
 
@@ -615,7 +667,9 @@ def _publish(report: dict) -> None:
         )
 
 
-@task(name="validate-dataset", retries=2, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE)
+@task(
+    name="validate-dataset", retries=2, retry_delay_seconds=10, retry_condition_fn=is_retryable, cache_policy=NO_CACHE
+)
 def validate_dataset_task(cfg: PipelineConfig) -> ValidatedDataset:
     """Prefect wrapper; caching lives in the artifact store, keyed by the content fingerprint."""
     from qlora_flow.models import load_tokenizer_for

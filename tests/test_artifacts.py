@@ -40,8 +40,22 @@ def test_eval_loss_column_appears_when_logged_and_short_history_is_whole():
 def test_samples_are_blocks_with_texts_cut_and_marked():
     long = "word " * 80 + "\nsecond line"
     samples = [
-        {"index": 0, "prompt": long, "reference": '{"a": 1}', "base": "", "tuned": '{"a": 1}', "tuned_exact_match": True},
-        {"index": 1, "prompt": "p", "reference": "r", "base": "uses `ticks`", "tuned": "x\ny", "tuned_exact_match": False},
+        {
+            "index": 0,
+            "prompt": long,
+            "reference": '{"a": 1}',
+            "base": "",
+            "tuned": '{"a": 1}',
+            "tuned_exact_match": True,
+        },
+        {
+            "index": 1,
+            "prompt": "p",
+            "reference": "r",
+            "base": "uses `ticks`",
+            "tuned": "x\ny",
+            "tuned_exact_match": False,
+        },
     ]
     markdown = artifacts.samples_markdown(samples, "run-a", "/store/runs/run-a/eval/samples.jsonl")
     cut = artifacts.truncate(long)
@@ -77,13 +91,20 @@ def test_local_model_artifact_is_the_exact_pull_command(tmp_path):
     )  # fmt: skip
     markdown = artifacts.model_markdown(cfg, store, "r1", published)
     command = next(line for line in markdown.splitlines() if line.startswith("qlora-flow pull"))
-    assert shlex.split(command) == ["qlora-flow", "pull", "extractor:production", "./extractor", "--store", str(store.root)]
+    assert shlex.split(command) == [
+        "qlora-flow",
+        "pull",
+        "extractor:production",
+        "./extractor",
+        "--store",
+        str(store.root),
+    ]
     assert "file://" not in markdown and "2.5 MB" in markdown
     not_moved = artifacts.model_markdown(cfg, store, "r1", published.model_copy(update={"alias_moved": False}))
     assert "qlora-flow pull" not in not_moved and "was not moved" in not_moved
 
 
-def test_s3_links_are_presigned_urls_a_browser_can_open(s3env, tmp_path):  # noqa: F811
+def test_s3_links_are_presigned_urls_a_browser_can_open(s3env, tmp_path):
     store = s3env.store(tmp_path / "cache")
     png = b"\x89PNG\r\n\x1a\n" + b"curve" * 100
     store.write_bytes("runs/r1/eval/loss_curve.png", png)

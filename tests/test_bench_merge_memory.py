@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tiny_merge_is_measured_and_committed(tmp_path):
     cmd = [sys.executable, "bench/merge_memory.py", "--shape", "tiny", "--device", "cpu", "--root", str(tmp_path / "store"),
            "--prompts", "2", "--max-new-tokens", "8"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, proc.stdout
@@ -41,6 +43,9 @@ def test_tiny_merge_is_measured_and_committed(tmp_path):
     assert json.loads((merged / "verification.json").read_text())["verified"] is True
     shards = sorted(merged.glob("*.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
-    with safe_open(shards[0], "pt") as fh, safe_open(tmp_path / "store/cache/base/tiny/full/model.safetensors", "pt") as base:
+    with (
+        safe_open(shards[0], "pt") as fh,
+        safe_open(tmp_path / "store/cache/base/tiny/full/model.safetensors", "pt") as base,
+    ):
         assert str(fh.get_tensor(name).dtype) == f"torch.{result['shipped_dtype']}"
         assert not fh.get_tensor(name).float().equal(base.get_tensor(name).float())

@@ -62,7 +62,13 @@ def test_a_marker_naming_a_missing_run_is_an_error(tmp_path):
 
 
 def test_profile_names_give_budget_and_family():
-    assert [train_gpu.budget_of(p) for p in ("ours", "unsloth", "lowmem", "budget16", "unsloth7")] == [None, None, 7.0, 16.0, 7.0]
+    assert [train_gpu.budget_of(p) for p in ("ours", "unsloth", "lowmem", "budget16", "unsloth7")] == [
+        None,
+        None,
+        7.0,
+        16.0,
+        7.0,
+    ]
     assert [train_gpu.family_of(p) for p in ("seed", "baseline+prof", "unsloth40", "budget40", "ours+ddp")] == [
         "seed", "baseline", "unsloth", "ours", "ours"]  # fmt: skip
 
@@ -70,14 +76,16 @@ def test_profile_names_give_budget_and_family():
 def _fake_child(tmp_path, fits_up_to: int) -> list[str]:
     """A child that reports its micro-batch and runs out of memory above `fits_up_to` rows."""
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, re, sys
         micro = int(re.search(r"micro(\\d+)", sys.argv[1]).group(1)) if "micro" in sys.argv[1] else 16
         print("SETTINGS " + json.dumps({{"micro_batch": micro}}), flush=True)
         if micro > {fits_up_to}:
             sys.exit("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
         print("RESULT " + json.dumps({{"profile": sys.argv[1], "micro_batch": micro, "real_tokens_per_s": 1.0}}))
-    """))
+    """)
+    )
     return [sys.executable, str(script)]
 
 

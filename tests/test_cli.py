@@ -50,9 +50,7 @@ def test_validate_command_accepts_demo_data_and_rejects_bad_rows(tmp_path):
     rows = [json.loads(line) for line in (ROOT / "examples/demo/train.jsonl").read_text().splitlines()[:20]]
     rows[3]["messages"][2]["content"] = "   "
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _cli(
-        "validate", "configs/demo.yaml", "--set", f"data.train_path={bad}", "--set", f"execution.store={store}"
-    )
+    proc = _cli("validate", "configs/demo.yaml", "--set", f"data.train_path={bad}", "--set", f"execution.store={store}")
     assert proc.returncode == 1
     assert "bad.jsonl:4 messages[2].content [empty_content]" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -50,18 +50,40 @@ CASES = [
     Case("unknown-section", ["trainig", "unknown key"], patch={"trainig": {"max_steps": 3}}),
     Case("wrong-type", ["training.max_steps", "valid integer"], patch={"training.max_steps": "many"}),
     Case("out-of-range", ["lora.r", "greater than 0"], patch={"lora.r": 0}),
-    Case("cross-field", ["training.offload"], patch={"training.offload": "on", "training.gradient_checkpointing": "off"}),
-    Case("missing-train-file", ["data.train_path", "absent.jsonl", "does not exist"], patch={"data.train_path": "absent.jsonl"}),
+    Case(
+        "cross-field", ["training.offload"], patch={"training.offload": "on", "training.gradient_checkpointing": "off"}
+    ),
+    Case(
+        "missing-train-file",
+        ["data.train_path", "absent.jsonl", "does not exist"],
+        patch={"data.train_path": "absent.jsonl"},
+    ),
     Case("missing-eval-file", ["data.eval_path", "gone.jsonl"], patch={"data.eval_path": "/nonexistent/gone.jsonl"}),
-    Case("base-model-path-missing", [*LOCAL_CHOICES, "/nonexistent/llama"], patch={"base_model.id": "/nonexistent/llama"}),
+    Case(
+        "base-model-path-missing", [*LOCAL_CHOICES, "/nonexistent/llama"], patch={"base_model.id": "/nonexistent/llama"}
+    ),
     Case("gguf-missing", ["base_model.id", "GGUF file", "no.gguf"], patch={"base_model.id": "./models/no.gguf"}),
     Case("pkg-not-installed", ["base_model.id", "not installed"], patch={"base_model.id": "pkg:no_such_pkg/m.gguf"}),
     Case("not-a-hub-id", [*LOCAL_CHOICES, "a/b/c"], patch={"base_model.id": "a/b/c"}),
-    Case("unknown-hub-id-offline", [*LOCAL_CHOICES, "nobody/no-such-model", "HF_HUB_OFFLINE"],
-         patch={"base_model.id": "nobody/no-such-model"}, env={"HF_HUB_OFFLINE": "1"}, limit_s=10),
-    Case("unknown-hub-id-unreachable", [*LOCAL_CHOICES, "nobody/no-such-model", "cannot be reached"],
-         patch={"base_model.id": "nobody/no-such-model"}, env=UNREACHABLE_HUB, limit_s=10),
-    Case("tokenizer-path-missing", ["base_model.tokenizer_id", "/nonexistent/tok"], patch={"base_model.tokenizer_id": "/nonexistent/tok"}),
+    Case(
+        "unknown-hub-id-offline",
+        [*LOCAL_CHOICES, "nobody/no-such-model", "HF_HUB_OFFLINE"],
+        patch={"base_model.id": "nobody/no-such-model"},
+        env={"HF_HUB_OFFLINE": "1"},
+        limit_s=10,
+    ),
+    Case(
+        "unknown-hub-id-unreachable",
+        [*LOCAL_CHOICES, "nobody/no-such-model", "cannot be reached"],
+        patch={"base_model.id": "nobody/no-such-model"},
+        env=UNREACHABLE_HUB,
+        limit_s=10,
+    ),
+    Case(
+        "tokenizer-path-missing",
+        ["base_model.tokenizer_id", "/nonexistent/tok"],
+        patch={"base_model.tokenizer_id": "/nonexistent/tok"},
+    ),
     Case("model-name-dotdot", ["publish.model_name", "'..'", "names a directory"], patch={"publish.model_name": ".."}),
     Case("model-name-slash", ["publish.model_name", "'team/model'"], patch={"publish.model_name": "team/model"}),
     Case("alias-escape", ["publish.alias", "../production"], patch={"publish.alias": "../production"}),
@@ -70,28 +92,53 @@ CASES = [
     Case("set-without-equals", ["--set", "expected KEY=VALUE"], args=["--set", "lora.r"]),
     Case("set-bad-yaml", ["--set", "not valid YAML"], args=["--set", "lora.target_modules=[q_proj"]),
     Case("set-below-a-value", ["lora.r.x", "lora.r is a value"], args=["--set", "lora.r=4", "--set", "lora.r.x=1"]),
-    Case("s3-endpoint-unreachable", ["execution.s3.endpoint_url", "http://127.0.0.1:1", "cannot connect"],
-         patch={"execution.store": "s3://b/p", "execution.s3.endpoint_url": "http://127.0.0.1:1"},
-         env={"AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE00000", "AWS_SECRET_ACCESS_KEY": "x"}),
-    Case("s3-bad-endpoint-url", ["execution.s3.endpoint_url"], patch={"execution.store": "s3://b/p", "execution.s3.endpoint_url": "not a url"},
-         env={"AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE00000", "AWS_SECRET_ACCESS_KEY": "x"}),
-    Case("s3-bad-credentials", ["execution.s3", "rejected the credentials", "InvalidAccessKeyId"],
-         patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"},
-         env={"AWS_ACCESS_KEY_ID": "AKIABADBADBADBADBAD0", "AWS_SECRET_ACCESS_KEY": "wrong"}),
-    Case("s3-wrong-secret", ["execution.s3", "rejected the credentials", "SignatureDoesNotMatch"],
-         patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"},
-         env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "wrong"}),
-    Case("s3-no-credentials", ["execution.store", "no S3 credentials"],
-         patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"}),
-    Case("s3-missing-bucket", ["execution.store", "bucket 'no-such-bucket' does not exist"],
-         patch={"execution.store": "s3://no-such-bucket/store", "execution.s3.endpoint_url": "__endpoint__"},
-         env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"}),
-    Case("s3-base-model-without-config", ["base_model.id", "s3://qf-cli/models/llama/config.json"],
-         patch={"base_model.id": "s3://qf-cli/models/llama", "execution.s3.endpoint_url": "__endpoint__"},
-         env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"}),
-    Case("s3-missing-data", ["data.train_path", "nothing is stored at s3://qf-cli/none.jsonl"],
-         patch={"data.train_path": "s3://qf-cli/none.jsonl", "execution.s3.endpoint_url": "__endpoint__"},
-         env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"}),
+    Case(
+        "s3-endpoint-unreachable",
+        ["execution.s3.endpoint_url", "http://127.0.0.1:1", "cannot connect"],
+        patch={"execution.store": "s3://b/p", "execution.s3.endpoint_url": "http://127.0.0.1:1"},
+        env={"AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE00000", "AWS_SECRET_ACCESS_KEY": "x"},
+    ),
+    Case(
+        "s3-bad-endpoint-url",
+        ["execution.s3.endpoint_url"],
+        patch={"execution.store": "s3://b/p", "execution.s3.endpoint_url": "not a url"},
+        env={"AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE00000", "AWS_SECRET_ACCESS_KEY": "x"},
+    ),
+    Case(
+        "s3-bad-credentials",
+        ["execution.s3", "rejected the credentials", "InvalidAccessKeyId"],
+        patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"},
+        env={"AWS_ACCESS_KEY_ID": "AKIABADBADBADBADBAD0", "AWS_SECRET_ACCESS_KEY": "wrong"},
+    ),
+    Case(
+        "s3-wrong-secret",
+        ["execution.s3", "rejected the credentials", "SignatureDoesNotMatch"],
+        patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"},
+        env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "wrong"},
+    ),
+    Case(
+        "s3-no-credentials",
+        ["execution.store", "no S3 credentials"],
+        patch={"execution.store": "s3://qf-cli/store", "execution.s3.endpoint_url": "__endpoint__"},
+    ),
+    Case(
+        "s3-missing-bucket",
+        ["execution.store", "bucket 'no-such-bucket' does not exist"],
+        patch={"execution.store": "s3://no-such-bucket/store", "execution.s3.endpoint_url": "__endpoint__"},
+        env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"},
+    ),
+    Case(
+        "s3-base-model-without-config",
+        ["base_model.id", "s3://qf-cli/models/llama/config.json"],
+        patch={"base_model.id": "s3://qf-cli/models/llama", "execution.s3.endpoint_url": "__endpoint__"},
+        env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"},
+    ),
+    Case(
+        "s3-missing-data",
+        ["data.train_path", "nothing is stored at s3://qf-cli/none.jsonl"],
+        patch={"data.train_path": "s3://qf-cli/none.jsonl", "execution.s3.endpoint_url": "__endpoint__"},
+        env={"AWS_ACCESS_KEY_ID": "__key__", "AWS_SECRET_ACCESS_KEY": "__secret__"},
+    ),
 ]
 
 
@@ -122,7 +169,9 @@ def s3_with_auth():
 
 def _base_config(tmp_path: Path) -> dict:
     train = tmp_path / "train.jsonl"
-    train.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    train.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
     model = tmp_path / "model"  # resolves as a local model directory; preflight never loads it
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -157,14 +206,16 @@ def _write_config(case: Case, tmp_path: Path, subst: dict) -> Path:
 
 def _env(case: Case, tmp_path: Path, subst: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(tmp_path / "hf-cache"),  # nothing cached: the hub check cannot pass from a cache
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups for credentials
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": str(tmp_path / "hf-cache"),  # nothing cached: the hub check cannot pass from a cache
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups for credentials
+        }
+    )
     for key, value in case.env.items():
         if value is None:
             env.pop(key, None)
@@ -183,7 +234,11 @@ def test_bad_configuration_is_one_error_line(case, command, tmp_path, s3_with_au
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_flow.cli", command, *config_arg, *args],
-        cwd=tmp_path, env=_env(case, tmp_path, subst), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_env(case, tmp_path, subst),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     elapsed = time.monotonic() - started
     output = proc.stdout + proc.stderr
@@ -202,7 +257,10 @@ def test_debug_shows_the_traceback(tmp_path):
     config.write_text("lora:\n  r: 0\n")
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_flow.cli", "--debug", "validate", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr and "lora.r" in proc.stderr
@@ -267,6 +325,9 @@ def test_online_hub_check_asks_the_hub_once(fake_hub, tmp_path, monkeypatch):
 
     monkeypatch.setattr("qlora_flow.preflight.HUB_DEADLINE_S", 1.0)
     started = time.monotonic()
-    with pytest.raises(ConfigError, match=r"base_model\.id: 'slow/model' is not a local path, not in the Hugging Face cache, and the hub"):
+    with pytest.raises(
+        ConfigError,
+        match=r"base_model\.id: 'slow/model' is not a local path, not in the Hugging Face cache, and the hub",
+    ):
         check_base_model(load_config(None, {"base_model.id": "slow/model"}).base_model)
     assert time.monotonic() - started < 2.5

@@ -41,19 +41,32 @@ def test_defaults_build_without_any_file():
         ("training:\n  gradient_checkpointing: maybe\n", "training.gradient_checkpointing: Input should be"),
         ("- just\n- a list\n", "must hold a mapping of sections"),
         ("lora: [unclosed\n", "is not valid YAML"),
-        ("data:\n  train_path: nowhere/missing.jsonl\n", "data.train_path: file 'nowhere/missing.jsonl' does not exist"),
-        ("publish:\n  model_name: 'bad name!'\n", "publish.model_name: 'bad name!' names a directory in the artifact store"),
+        (
+            "data:\n  train_path: nowhere/missing.jsonl\n",
+            "data.train_path: file 'nowhere/missing.jsonl' does not exist",
+        ),
+        (
+            "publish:\n  model_name: 'bad name!'\n",
+            "publish.model_name: 'bad name!' names a directory in the artifact store",
+        ),
         ("publish:\n  model_name: ../escape\n", "publish.model_name: '../escape' names a directory"),
         ("publish:\n  alias: /etc\n", "publish.alias: '/etc' names a directory"),
         ("execution:\n  run_name: ../../outside\n", "execution.run_name: '../../outside' names a directory"),
         ("", "is empty or holds only comments"),
         ("# nothing but\n# comments\n", "is empty or holds only comments"),
         ("just a string\n", "must hold a mapping of sections (data:, base_model:, ...), not a str"),
-        ("lora:\n  r: 4\n  alpha: [8\ntraining: {}\n", "is not valid YAML: line 4, column 9: expected ',' or ']', but got ':' (while parsing a flow sequence at line 3, column 10)"),
-        ("training:\n  offload: 'on'\n  gradient_checkpointing: 'off'\n",
-         "training.offload: on keeps checkpointed activations in CPU memory, so it needs training.gradient_checkpointing"),
-        ("execution:\n  gpus: 2\n  isolate_gpu_stages: false\n",
-         "execution.gpus: 2 GPUs need execution.isolate_gpu_stages: true"),
+        (
+            "lora:\n  r: 4\n  alpha: [8\ntraining: {}\n",
+            "is not valid YAML: line 4, column 9: expected ',' or ']', but got ':' (while parsing a flow sequence at line 3, column 10)",
+        ),
+        (
+            "training:\n  offload: 'on'\n  gradient_checkpointing: 'off'\n",
+            "training.offload: on keeps checkpointed activations in CPU memory, so it needs training.gradient_checkpointing",
+        ),
+        (
+            "execution:\n  gpus: 2\n  isolate_gpu_stages: false\n",
+            "execution.gpus: 2 GPUs need execution.isolate_gpu_stages: true",
+        ),
     ],
 )
 def test_invalid_configs_give_one_readable_message(tmp_path, monkeypatch, yaml_text, expected):

@@ -29,13 +29,17 @@ def test_formatter_names_the_stage_of_every_task_line():
     assert fmt.format(_record("Finished in state Completed()", task_name="train_adapter")).endswith(
         "INFO [train] Finished in state Completed()"
     )
-    assert fmt.format(_record("Finished in state Completed()", task_name="evaluate")).endswith("[evaluate] Finished in state Completed()")
+    assert fmt.format(_record("Finished in state Completed()", task_name="evaluate")).endswith(
+        "[evaluate] Finished in state Completed()"
+    )
     assert fmt.format(_record("Finished in state Completed()", flow_name="qlora-finetune")).endswith(
         "[qlora-finetune] Finished in state Completed()"
     )
     # a progress line names its own stage; a library line keeps its logger name
     assert fmt.format(_record("[merge] verifying 2/4", task_name="merge")).endswith("INFO [merge] verifying 2/4")
-    assert fmt.format(logging.LogRecord("tasks.train", 20, "", 1, "plan %s", ("x",), None)).endswith("tasks.train: plan x")
+    assert fmt.format(logging.LogRecord("tasks.train", 20, "", 1, "plan %s", ("x",), None)).endswith(
+        "tasks.train: plan x"
+    )
 
 
 def test_stage_progress_logs_first_throttled_and_last():
@@ -92,7 +96,9 @@ def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
         report=SimpleNamespace(base_metrics={"loss": 2.0}, tuned_metrics={"loss": 1.0}),
         adapter=SimpleNamespace(uri="/a"), merged=None, published=None,
     )  # fmt: skip
-    monkeypatch.setattr(flows.pipeline, "qlora_pipeline", lambda cfg, return_state: Failed(name="Rejected", data=result))
+    monkeypatch.setattr(
+        flows.pipeline, "qlora_pipeline", lambda cfg, return_state: Failed(name="Rejected", data=result)
+    )
     assert cli.cmd_run(SimpleNamespace(config=None, set=[])) == cli.EXIT_REJECTED
     assert "run r1: rejected" in capsys.readouterr().out
     crash = Failed(message="boom", data=RuntimeError("boom"))
@@ -116,9 +122,18 @@ def test_cli_run_prints_stage_progress_and_no_noise(tiny_config, tmp_path):
     steps = tiny_config.training.max_steps
     assert f"[train] step {steps}/{steps} loss " in out and " tok/s " in out and " eta " in out
     assert "[evaluate] base model: generation" in out and f"[evaluate] tuned model: generation {4}/{4}" in out
-    assert "[merge] reference answers of the adapter: prompt 2/2" in out and "[merge] verifying the saved model: prompt 2/2" in out
+    assert (
+        "[merge] reference answers of the adapter: prompt 2/2" in out
+        and "[merge] verifying the saved model: prompt 2/2" in out
+    )
     for stage in ("validate", "base", "train", "evaluate", "merge", "publish", "qlora-finetune"):
         assert f"[{stage}] Finished in state Completed()" in out, stage
     assert "INFO Finished in state" not in out  # every one names its stage
-    for noise in ("Failed to send telemetry", "send_telemetry_heartbeat", "FutureWarning", "pip install kernels", "{'loss'"):
+    for noise in (
+        "Failed to send telemetry",
+        "send_telemetry_heartbeat",
+        "FutureWarning",
+        "pip install kernels",
+        "{'loss'",
+    ):
         assert noise not in out, noise

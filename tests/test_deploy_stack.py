@@ -226,4 +226,3 @@ def test_rejection_event_pauses_the_schedule(stack: Stack, manual_run: FlowRun):
             time.sleep(2)
         assert client.read_deployment(stack.ids[SCHEDULED]).paused
         assert not client.read_deployment(stack.ids[MANUAL]).paused
-

@@ -4,17 +4,25 @@ reaches the person at the terminal: one `error:` line, no traceback."""
 from __future__ import annotations
 
 import pytest
-from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 from huggingface_hub.errors import RepositoryNotFoundError
+from s3server import moto_server, s3env  # noqa: F401  (fixtures)
 
 from qlora_flow.config import ConfigError
 from qlora_flow.contracts import DataValidationError
 from qlora_flow.errors import is_permanent, is_retryable, one_line
-from s3server import moto_server, s3env  # noqa: F401  (fixtures)
 
 
 def _client_error(code: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"
+    )
 
 
 def _wrapped_hub_error() -> OSError:
@@ -123,7 +131,9 @@ def test_a_failure_inside_the_flow_is_one_error_line(prefect_api, monkeypatch, t
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    config.write_text(f"data:\n  train_path: {train}\nbase_model:\n  id: {model}\nexecution:\n  store: {tmp_path / 's'}\n")
+    config.write_text(
+        f"data:\n  train_path: {train}\nbase_model:\n  id: {model}\nexecution:\n  store: {tmp_path / 's'}\n"
+    )
 
     assert cli.main(["run", str(config)]) == cli.EXIT_FAILED
     out, err = capfd.readouterr()

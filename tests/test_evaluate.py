@@ -23,7 +23,9 @@ def independent_loss(model, tokenizer, conversations) -> tuple[float, int]:
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     total, count = 0.0, 0
     for messages in conversations:
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         assert full[: len(prompt)] == prompt
         answer = full[len(prompt) :]
@@ -108,5 +110,10 @@ def test_rejection_emits_event_and_artifacts(tiny_config, run_inputs, monkeypatc
 
     tiny_config.evaluation.gate.min_exact_match = None
     calls["event"].clear()
-    evaluate.announce(tiny_config, r.store, "run-b", report.model_copy(update={"verdict": report.verdict.model_copy(update={"passed": True})}))
+    evaluate.announce(
+        tiny_config,
+        r.store,
+        "run-b",
+        report.model_copy(update={"verdict": report.verdict.model_copy(update={"passed": True})}),
+    )
     assert calls["event"] == []

@@ -19,7 +19,9 @@ from tests.conftest import make_chat_rows
 N_EVAL = 6
 
 
-def build_adapter_dir(model_dir: Path, dest: Path, target_modules: list[str], scale: float = 0.05, seed: int = 1) -> Path:
+def build_adapter_dir(
+    model_dir: Path, dest: Path, target_modules: list[str], scale: float = 0.05, seed: int = 1
+) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,7 +86,9 @@ def write_inputs(cfg, model_dir: Path, adapter_dir: Path) -> RunInputs:
         fingerprint="adapter-fp",
         trainable_parameters=123,
         steps=6,
-        loss_history=[LossPoint(step=s, loss=3.0 - 0.2 * s, eval_loss=2.9 - 0.1 * s if s % 3 == 0 else None) for s in range(1, 7)],
+        loss_history=[
+            LossPoint(step=s, loss=3.0 - 0.2 * s, eval_loss=2.9 - 0.1 * s if s % 3 == 0 else None) for s in range(1, 7)
+        ],
         tokens_seen=1000,
         train_seconds=1.0,
         tokens_per_second=1000.0,

@@ -68,7 +68,9 @@ def test_pipeline_end_to_end_publishes_a_verified_model(prefect_server, tiny_con
     assert alias["run_id"] == result.run_id
     listed = {f["path"] for f in manifest["files"]}
     assert any(p.startswith("model/") and p.endswith(".safetensors") for p in listed)
-    assert {"gguf/model-f16.gguf", "adapter/README.md"} <= listed and result.gguf.verification["f16"]["greedy_identical"] == 2
+    assert {"gguf/model-f16.gguf", "adapter/README.md"} <= listed and result.gguf.verification["f16"][
+        "greedy_identical"
+    ] == 2
     assert manifest["lineage"]["data"]["fingerprint"] == result.data.fingerprint
     assert manifest["lineage"]["base_model"]["fingerprint"] == result.base.fingerprint
 

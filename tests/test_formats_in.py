@@ -102,7 +102,9 @@ def test_sharegpt_openai_tools_and_messages_give_one_fingerprint(tmp_path, store
     # a one-word change in a tool call is a different dataset
     changed = tool_rows_openai(6)
     changed[0]["messages"][2]["tool_calls"][0]["function"]["arguments"] = json.dumps({**ARGS, "city": "Bergen"})
-    other = validate_dataset(cfg_for(tmp_path, write_jsonl(tmp_path / "changed.jsonl", plain + changed)), store, tokenizer)
+    other = validate_dataset(
+        cfg_for(tmp_path, write_jsonl(tmp_path / "changed.jsonl", plain + changed)), store, tokenizer
+    )
     assert other.fingerprint != results["messages"].fingerprint
 
 
@@ -128,7 +130,13 @@ def quarantined(tmp_path, store, tokenizer, rows: list[dict]) -> dict[int, dict[
 def test_malformed_sharegpt_rows_are_quarantined_with_their_check(tmp_path, store, tokenizer):
     good = [as_sharegpt(r) for r in make_chat_rows(20)]
     unknown_from = {"conversations": [{"from": "bot", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
-    gpt_first = {"conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes"}]}
+    gpt_first = {
+        "conversations": [
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Yes"},
+        ]
+    }
     result_without_call = {"conversations": [
         {"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "Let me look."},
         {"from": "observation", "value": "5 degrees"}, {"from": "gpt", "value": "5 degrees."},
@@ -138,7 +146,9 @@ def test_malformed_sharegpt_rows_are_quarantined_with_their_check(tmp_path, stor
         {"from": "observation", "value": "5 degrees"}, {"from": "gpt", "value": "5 degrees."},
     ]}  # fmt: skip
     not_a_list = {"conversations": "human: hi"}
-    found = quarantined(tmp_path, store, tokenizer, good + [unknown_from, gpt_first, result_without_call, bad_call, not_a_list])
+    found = quarantined(
+        tmp_path, store, tokenizer, good + [unknown_from, gpt_first, result_without_call, bad_call, not_a_list]
+    )
     assert found == {
         21: {"role": "conversations[0].from"},
         22: {"role_order": "conversations[0].from"},
@@ -177,4 +187,7 @@ def test_chat_template_renders_the_documented_tool_text(tokenizer):
     _check_turns(chunk, "messages")
     rendered = tokenizer.apply_chat_template(chunk.messages[0], tokenize=False)
     assert f"<|im_start|>assistant\n{CALL_TEXT}\n{CALL_TEXT}<|im_end|>" in rendered
-    assert "<|im_start|>user\n<tool_response>\n0 degrees\n</tool_response>\n<tool_response>\ncloudy\n</tool_response><|im_end|>" in rendered
+    assert (
+        "<|im_start|>user\n<tool_response>\n0 degrees\n</tool_response>\n<tool_response>\ncloudy\n</tool_response><|im_end|>"
+        in rendered
+    )

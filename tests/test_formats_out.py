@@ -48,7 +48,9 @@ def _pull(store_root: Path, dest: Path, *flags: str) -> Path:
 
 
 @pytest.mark.slow  # ~50 s of CPU: a merge, two exports and their checks, publish, three pulls
-def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_model(tiny_config, run_inputs, tiny_model_dir, tmp_path):
+def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_model(
+    tiny_config, run_inputs, tiny_model_dir, tmp_path
+):
     from peft import PeftModel
 
     cfg, r = tiny_config, run_inputs
@@ -70,16 +72,37 @@ def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_mo
     assert export_gguf_files(cfg, r.store, merged, r.data) == exported  # same merge: reused, not rewritten
     assert f16_file.stat().st_mtime_ns == written
 
-    publish_run(cfg, r.store, "run-g", merged=merged, adapter=r.adapter, report=_report(r.store), data=r.data, base=r.base, gguf=exported)
+    publish_run(
+        cfg,
+        r.store,
+        "run-g",
+        merged=merged,
+        adapter=r.adapter,
+        report=_report(r.store),
+        data=r.data,
+        base=r.base,
+        gguf=exported,
+    )
     run_dir = r.store.path / "runs/run-g"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     listed = {f["path"]: f["sha256"] for f in manifest["files"]}
-    for name in ("gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/README.md"):
+    for name in (
+        "gguf/model-f16.gguf",
+        "gguf/model-q8_0.gguf",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/README.md",
+    ):
         assert listed[name] == sha256_file(run_dir / name), name
 
     store_root = r.store.path
     gguf_dir = _pull(store_root, tmp_path / "gguf", "--format", "gguf")
-    assert sorted(p.name for p in gguf_dir.iterdir()) == ["manifest.json", "model-f16.gguf", "model-q8_0.gguf", "verification.json"]
+    assert sorted(p.name for p in gguf_dir.iterdir()) == [
+        "manifest.json",
+        "model-f16.gguf",
+        "model-q8_0.gguf",
+        "verification.json",
+    ]
     model_dir = _pull(store_root, tmp_path / "model")
     adapter_dir = _pull(store_root, tmp_path / "adapter", "--adapter")
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in adapter_dir.iterdir()}
@@ -94,7 +117,9 @@ def test_gguf_and_adapter_are_published_and_pulled_and_behave_like_the_merged_mo
     from_gguf, _ = load_gguf(gguf_dir, "model-f16.gguf")
     assert compare_models(served, from_gguf, tokenizer, prompts, 16, stop, 0.0)["greedy_identical"] == 3
     # the pulled adapter on the tiny 16-bit base behaves like the pulled merged model (bf16 rounding apart)
-    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_dir).eval()
+    on_base = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_dir
+    ).eval()
     result = compare_models(served, on_base, tokenizer, prompts, 16, stop, 2e-2)
     assert result["greedy_mismatches"] == 0 and result["max_abs_logit_diff"] < 2e-2, result
 

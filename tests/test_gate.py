@@ -28,7 +28,11 @@ def test_all_rules_pass_with_numbers_in_reasons():
 @pytest.mark.parametrize(
     ("tuned", "production", "failing"),
     [
-        ({"loss": 1.9, "exact_match": 0.9}, None, "FAIL loss improvement 0.1000 (base 2.0000 -> tuned 1.9000) < required 0.2500"),
+        (
+            {"loss": 1.9, "exact_match": 0.9},
+            None,
+            "FAIL loss improvement 0.1000 (base 2.0000 -> tuned 1.9000) < required 0.2500",
+        ),
         ({"loss": 1.0, "exact_match": 0.4}, None, "FAIL exact match 0.4000, required >= 0.5000"),
         ({"loss": 1.0}, None, "FAIL exact match not measured (no generation samples), required >= 0.5000"),
         (
@@ -59,7 +63,9 @@ def test_no_production_model_and_disabled_rules():
 def write_production(store: LocalStore, cfg, run_id: str, exact_match: float | None) -> None:
     store.write_json(f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json", {"run_id": run_id})
     if exact_match is not None:
-        store.write_json(f"runs/{run_id}/eval/report.json", {"tuned_metrics": {"exact_match": exact_match, "loss": 1.0}})
+        store.write_json(
+            f"runs/{run_id}/eval/report.json", {"tuned_metrics": {"exact_match": exact_match, "loss": 1.0}}
+        )
 
 
 def test_production_metrics_from_store(tiny_config, tmp_path):

@@ -13,6 +13,7 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 
 from qlora_flow.config import PipelineConfig
+from qlora_flow.gpu_locks import LOCK_DIR_ENV
 from qlora_flow.gpu_runner import (
     GPU_COUNT_ENV,
     LEASED_GPU_ENV,
@@ -23,7 +24,6 @@ from qlora_flow.gpu_runner import (
     slot_name,
     use_leased_gpu,
 )
-from qlora_flow.gpu_locks import LOCK_DIR_ENV
 
 
 @pytest.fixture(autouse=True)
@@ -268,4 +268,3 @@ def test_a_failing_flow_stops_waiting_for_gpus():
         assert time.monotonic() - started < 60
         with pytest.raises(LeaseCancelled, match="stopped waiting for 1 GPU of host held-host"):
             WAITING.pop().result(timeout=5)
-

@@ -37,7 +37,10 @@ def test_commit_records_size_and_sha256_of_every_file(tmp_path):
     assert marker == {
         "files": {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in files.items()}
     }
-    assert store.verified("cache/adapter/fp/checkpoints/checkpoint-4") == store.path / "cache/adapter/fp/checkpoints/checkpoint-4"
+    assert (
+        store.verified("cache/adapter/fp/checkpoints/checkpoint-4")
+        == store.path / "cache/adapter/fp/checkpoints/checkpoint-4"
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
@@ -59,7 +62,9 @@ def test_corrupt_entry_is_quarantined_with_its_reason(tmp_path, caplog, damage):
         assert store.verified(key) is None
     assert not (store.path / key).exists() and not store.is_complete(key)
     [reason_file] = _quarantined(store)
-    assert reason_file.parent.parent.relative_to(store.path).as_posix() == "quarantine/adapter/fp/checkpoints/checkpoint-4"
+    assert (
+        reason_file.parent.parent.relative_to(store.path).as_posix() == "quarantine/adapter/fp/checkpoints/checkpoint-4"
+    )
     reason = json.loads(reason_file.read_text())
     [problem] = reason["problems"]
     assert reason["key"] == key and problem["file"] == "adapter_model.safetensors"
@@ -67,8 +72,12 @@ def test_corrupt_entry_is_quarantined_with_its_reason(tmp_path, caplog, damage):
     # nothing is lost: the entry's files (marker included) are kept next to the reason
     kept = reason_file.parent / "entry"
     assert (kept / "nested/state.json").read_bytes() == files["nested/state.json"] and (kept / "_COMPLETE").is_file()
-    assert any(r.levelno == logging.WARNING and "adapter_model.safetensors" in r.getMessage() and "quarantine/" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING
+        and "adapter_model.safetensors" in r.getMessage()
+        and "quarantine/" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_base_check_rehashes_only_files_changed_since_they_last_verified(tmp_path, monkeypatch):

@@ -74,7 +74,9 @@ def test_children_of_a_killed_stack_are_stopped_at_the_next_start(tmp_path):
         proc = _script(home, busy.getsockname()[1])
         _, err = proc.communicate(timeout=120)
     assert leftover.wait(timeout=30) is not None
-    assert f"warning: stopping 300 (pid {leftover.pid}), left running by a local stack that died (pid {dead.pid})" in err
+    assert (
+        f"warning: stopping 300 (pid {leftover.pid}), left running by a local stack that died (pid {dead.pid})" in err
+    )
     assert proc.returncode == 1 and "already in use" in err
 
 
@@ -84,7 +86,9 @@ def test_rotate_log_keeps_previous_starts(tmp_path):
         rotate_log(log, keep=5)
         log.write_text(f"start {start}\n")
     assert log.read_text() == "start 6\n"
-    assert [(tmp_path / f"server.log.{i}").read_text() for i in range(1, 6)] == [f"start {s}\n" for s in (5, 4, 3, 2, 1)]
+    assert [(tmp_path / f"server.log.{i}").read_text() for i in range(1, 6)] == [
+        f"start {s}\n" for s in (5, 4, 3, 2, 1)
+    ]
     assert not (tmp_path / "server.log.6").exists()
 
 
@@ -106,7 +110,9 @@ def test_a_server_that_is_not_ours_does_not_count_as_healthy(tmp_path):
     log.write_text(f"Port {port} is already in use.\n")
     ours = subprocess.Popen(["sh", "-c", "sleep 2; exit 1"])
     try:
-        with pytest.raises(StackError, match=f"exited with code 1 before it was healthy: Port {port} is already in use"):
+        with pytest.raises(
+            StackError, match=f"exited with code 1 before it was healthy: Port {port} is already in use"
+        ):
             wait_healthy(f"http://127.0.0.1:{port}/api", ours, timeout_s=30, log_path=log)
     finally:
         ours.kill()

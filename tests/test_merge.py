@@ -66,8 +66,12 @@ def test_merged_model_matches_adapter_and_reloads(tiny_config, run_inputs, tiny_
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(TOKENIZER_DIR).chat_template
     prompts = [row["messages"][:-1] for row in make_chat_rows(N_EVAL, seed=1)[:2]]
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tiny_adapter_dir)
-    assert greedy_generate(reloaded, tokenizer, prompts, 16, 2, [im_end]) == greedy_generate(reference, tokenizer, prompts, 16, 2, [im_end])
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tiny_adapter_dir
+    )
+    assert greedy_generate(reloaded, tokenizer, prompts, 16, 2, [im_end]) == greedy_generate(
+        reference, tokenizer, prompts, 16, 2, [im_end]
+    )
 
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
@@ -90,7 +94,9 @@ def test_corrupted_merge_is_caught_before_commit(tiny_config, run_inputs, monkey
     original = BaseTuner.merge_and_unload
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: _noisy(original(self, **kw)))
     with pytest.raises(merge.MergeVerificationError, match=r"reloaded: max \|logit diff\| .* > atol 0.01"):
-        merge.merge_adapter(tiny_config, run_inputs.store, "run-x", run_inputs.base, run_inputs.adapter, data=run_inputs.data)
+        merge.merge_adapter(
+            tiny_config, run_inputs.store, "run-x", run_inputs.base, run_inputs.adapter, data=run_inputs.data
+        )
     assert not run_inputs.store.is_complete("runs/run-x/model")
 
 
@@ -99,7 +105,9 @@ def test_unmerged_base_is_caught(tiny_config, run_inputs, monkeypatch):
     tiny_config.evaluation.max_new_tokens = 4
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: self.unload())
     with pytest.raises(merge.MergeVerificationError, match=r"reloaded: max \|logit diff\|"):
-        merge.merge_adapter(tiny_config, run_inputs.store, "run-u", run_inputs.base, run_inputs.adapter, data=run_inputs.data)
+        merge.merge_adapter(
+            tiny_config, run_inputs.store, "run-u", run_inputs.base, run_inputs.adapter, data=run_inputs.data
+        )
 
 
 def test_corrupted_saved_file_is_caught_by_reload(tiny_config, run_inputs, monkeypatch):
@@ -117,7 +125,9 @@ def test_corrupted_saved_file_is_caught_by_reload(tiny_config, run_inputs, monke
 
     monkeypatch.setattr(merge.PreTrainedTokenizerBase, "save_pretrained", save_then_corrupt)
     with pytest.raises(merge.MergeVerificationError, match=r"reloaded: max \|logit diff\|"):
-        merge.merge_adapter(tiny_config, run_inputs.store, "run-s", run_inputs.base, run_inputs.adapter, data=run_inputs.data)
+        merge.merge_adapter(
+            tiny_config, run_inputs.store, "run-s", run_inputs.base, run_inputs.adapter, data=run_inputs.data
+        )
 
 
 def build_stopping_model(dest: Path) -> Path:
@@ -126,9 +136,17 @@ def build_stopping_model(dest: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False, eos_token_id=im_end,
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        eos_token_id=im_end,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -146,12 +164,18 @@ def test_generation_stops_at_end_of_turn_and_missing_eos_is_caught(tiny_config, 
     from qlora_flow.config import ALL_PROJECTIONS
 
     model_dir = build_stopping_model(tmp_path / "stopper")
-    inputs = write_inputs(tiny_config, model_dir, build_adapter_dir(model_dir, tmp_path / "stopper-adapter", ALL_PROJECTIONS))
+    inputs = write_inputs(
+        tiny_config, model_dir, build_adapter_dir(model_dir, tmp_path / "stopper-adapter", ALL_PROJECTIONS)
+    )
     merged = merge.merge_adapter(tiny_config, inputs.store, "run-eos", inputs.base, inputs.adapter, data=inputs.data)
-    assert merged.verification["answers_ended_by_end_of_turn"] == 2 and merged.verification["stops_at_end_of_turn"] is True
+    assert (
+        merged.verification["answers_ended_by_end_of_turn"] == 2 and merged.verification["stops_at_end_of_turn"] is True
+    )
 
     # A generation config that forgets <|im_end|>: the saved model would talk past the end of its turn.
-    monkeypatch.setattr(merge, "generation_config_for", lambda base_dir, tok: GenerationConfig(eos_token_id=[0], pad_token_id=2))
+    monkeypatch.setattr(
+        merge, "generation_config_for", lambda base_dir, tok: GenerationConfig(eos_token_id=[0], pad_token_id=2)
+    )
     with pytest.raises(merge.MergeVerificationError, match="generated past the end-of-turn token"):
         merge.merge_adapter(tiny_config, inputs.store, "run-eos2", inputs.base, inputs.adapter, data=inputs.data)
 
@@ -177,7 +201,9 @@ def test_verification_precision_follows_free_memory(tiny_model_dir, monkeypatch)
     assert merge.resolve_verify_dtype("saved", torch.float32, tiny_model_dir, "cpu") == torch.float32
 
 
-def test_verification_in_the_saved_dtype_passes_a_good_merge_and_catches_a_missing_one(tiny_config, run_inputs, monkeypatch):
+def test_verification_in_the_saved_dtype_passes_a_good_merge_and_catches_a_missing_one(
+    tiny_config, run_inputs, monkeypatch
+):
     tiny_config.merge.verify_dtype = "saved"
     tiny_config.merge.min_top1_agreement = TINY_TOP1
     tiny_config.evaluation.max_new_tokens = 4
@@ -185,7 +211,9 @@ def test_verification_in_the_saved_dtype_passes_a_good_merge_and_catches_a_missi
     merged = merge.merge_adapter(tiny_config, r.store, "run-b", r.base, r.adapter, data=r.data)
     v = merged.verification
     assert merged.dtype == "bfloat16" and v["compute_dtype"] == "bfloat16"
-    assert v["reloaded_max_abs_logit_diff"] <= tiny_config.merge.logits_atol_16bit and v["reloaded_greedy_mismatches"] == 0
+    assert (
+        v["reloaded_max_abs_logit_diff"] <= tiny_config.merge.logits_atol_16bit and v["reloaded_greedy_mismatches"] == 0
+    )
 
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kw: self.unload())
     with pytest.raises(merge.MergeVerificationError, match=r"reloaded: max \|logit diff\|"):

@@ -17,11 +17,15 @@ def test_one_resource_per_store_and_model(tmp_path):
     same = model_resource(_cfg(execution={"store": str(tmp_path / "artifacts")}))
     elsewhere = model_resource(_cfg(execution={"store": "artifacts"}), workdir=tmp_path / "other")
     assert local["prefect.resource.id"] == same["prefect.resource.id"] != elsewhere["prefect.resource.id"]
-    assert local["prefect.resource.id"].startswith("qlora-flow.model.") and local["prefect.resource.id"].endswith(".orders")
+    assert local["prefect.resource.id"].startswith("qlora-flow.model.") and local["prefect.resource.id"].endswith(
+        ".orders"
+    )
     assert local["qlora-flow.store"] == (tmp_path / "artifacts").as_uri() and local["qlora-flow.alias"] == "production"
 
     aws = store_identity(_cfg(execution={"store": "s3://models/prod/"}).execution)
-    minio = store_identity(_cfg(execution={"store": "s3://models/prod", "s3": {"endpoint_url": "http://minio:9000"}}).execution)
+    minio = store_identity(
+        _cfg(execution={"store": "s3://models/prod", "s3": {"endpoint_url": "http://minio:9000"}}).execution
+    )
     assert aws[1] == minio[1] == "s3://models/prod" and aws[0] != minio[0]  # same bucket name, different servers
 
 

@@ -72,7 +72,9 @@ def test_publish_layout_manifest_and_alias(s3env, s3_cfg, tmp_path):
     card = s3env.objects("store/runs/run-1/adapter/README.md")["store/runs/run-1/adapter/README.md"].decode()
     assert "base_fingerprint: base-fp" in card and "base_model: tiny-llama" in card
     assert published.total_bytes == manifest["total_bytes"] == sum(f["size"] for f in manifest["files"])
-    assert published.alias_moved and published.alias_uri == f"s3://{s3env.bucket}/store/models/extractor/production.json"
+    assert (
+        published.alias_moved and published.alias_uri == f"s3://{s3env.bucket}/store/models/extractor/production.json"
+    )
     lineage = manifest["lineage"]
     assert lineage["data"]["fingerprint"] == "data-0"
     assert lineage["base_model"] == {"id": "tiny-llama", "fingerprint": "base-fp", "compute_dtype": "float32"}
@@ -163,9 +165,10 @@ def test_concurrent_publishers_leave_alias_on_one_complete_run(s3env, s3_cfg, tm
     winner = _alias(s3env)["run_id"]
     assert winner in runs and results[winner].alias_moved
     manifest = _assert_complete(s3env, winner)
-    assert _alias(s3env)["manifest_sha256"] == hashlib.sha256(
-        json.dumps(manifest, indent=2, sort_keys=True).encode()
-    ).hexdigest()
+    assert (
+        _alias(s3env)["manifest_sha256"]
+        == hashlib.sha256(json.dumps(manifest, indent=2, sort_keys=True).encode()).hexdigest()
+    )
     assert _alias(s3env, "latest")["run_id"] in runs
     for run_id in runs:  # every run is published completely, whether or not it holds the alias
         _assert_complete(s3env, run_id)

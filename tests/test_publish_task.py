@@ -70,14 +70,20 @@ def test_publish_task_is_idempotent_and_announces(prefect_api, s3env, chat_jsonl
     assert manifest["flow_run_id"]  # the Prefect flow run that published it
 
     link = _artifacts("model-extractor")
-    assert link and link[0].type == "markdown" and f"qlora-flow pull extractor:production ./extractor --store {store.root}" in link[0].data
+    assert (
+        link
+        and link[0].type == "markdown"
+        and f"qlora-flow pull extractor:production ./extractor --store {store.root}" in link[0].data
+    )
     assert "[manifest.json](http" in link[0].data  # presigned: the browser can open it
     markdown = _artifacts("published-extractor")
     assert markdown and first.manifest_uri in markdown[0].data
 
 
 def test_credentials_from_secret_block_never_leak(prefect_api, s3env, chat_jsonl, tmp_path, monkeypatch, caplog):
-    Secret(value={"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY}).save("qf-s3-test", overwrite=True)
+    Secret(value={"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY}).save(
+        "qf-s3-test", overwrite=True
+    )
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     started = time.time()
@@ -105,7 +111,9 @@ def test_credentials_from_secret_block_never_leak(prefect_api, s3env, chat_jsonl
     for key, data in s3env.objects().items():
         assert SECRET_KEY.encode() not in data, key
     result_dir = Path(PREFECT_LOCAL_STORAGE_PATH.value())
-    written = [p for root in (tmp_path, result_dir) for p in root.rglob("*") if p.is_file() and p.stat().st_mtime >= started]
+    written = [
+        p for root in (tmp_path, result_dir) for p in root.rglob("*") if p.is_file() and p.stat().st_mtime >= started
+    ]
     assert any(p.suffix == ".safetensors" for p in written)
     for path in written:
         assert SECRET_KEY.encode() not in path.read_bytes(), path

@@ -38,7 +38,9 @@ def test_round_trip_is_byte_identical(s3env, published, tmp_path):
     again = pull_and_verify(f"s3://{s3env.bucket}/store", "extractor", "production", dest, s3=s3env.settings())
     assert (again.checked, again.downloaded, again.extra) == (4, [], [])
     assert again.summary() == "4 files checked, all match the manifest"
-    assert _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
+    assert (
+        _pull(s3env, tmp_path / "latest", alias="latest").joinpath("config.json").read_bytes() == files["config.json"]
+    )
 
 
 def test_flipped_byte_in_storage_is_refused_and_nothing_exposed(s3env, published, tmp_path):
@@ -48,7 +50,9 @@ def test_flipped_byte_in_storage_is_refused_and_nothing_exposed(s3env, published
     s3env.raw.put_object(Bucket=s3env.bucket, Key=key, Body=bytes(data))
 
     dest = tmp_path / "models/extractor"
-    with pytest.raises(PullError, match=r"model/model\.safetensors of extractor:production \(run run-1\) failed verification"):
+    with pytest.raises(
+        PullError, match=r"model/model\.safetensors of extractor:production \(run run-1\) failed verification"
+    ):
         _pull(s3env, dest)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []
@@ -129,7 +133,10 @@ def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
     def pull() -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "qlora_flow.cli", "pull", "extractor", "served", "--store", str(tmp_path / "store")],
-            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
         )
 

@@ -70,7 +70,9 @@ def test_unchanged_rerun_is_a_cache_hit_end_to_end(prefect_api, tiny_config, tmp
     assert trained == trained_in_child == measured == merged == []
     assert second.adapter == first.adapter and second.merged == first.merged
     assert second.report.tuned_metrics == first.report.tuned_metrics and second.report.verdict.passed
-    assert second.published.same_as_run == first.run_id and second.published.manifest_uri == first.published.manifest_uri
+    assert (
+        second.published.same_as_run == first.run_id and second.published.manifest_uri == first.published.manifest_uri
+    )
     # no model bytes anywhere in the store; the new run's record is its eval report and a pointer
     assert _safetensors(store_root) == models_before
     assert _stored_bytes(store_root) - bytes_before < 200_000
@@ -83,7 +85,9 @@ def test_unchanged_rerun_is_a_cache_hit_end_to_end(prefect_api, tiny_config, tmp
     assert alias["run_id"] == first.run_id
     pulled = pull_model(str(store_root), name, "production", tmp_path / "pulled")
     assert json.loads((pulled / "manifest.json").read_text())["run_id"] == first.run_id
-    assert {p.name for p in pulled.glob("*.safetensors")} == {p.name for p in Path(first.merged.uri).glob("*.safetensors")}
+    assert {p.name for p in pulled.glob("*.safetensors")} == {
+        p.name for p in Path(first.merged.uri).glob("*.safetensors")
+    }
 
     # production moved to a better model: the cached numbers are gated against it, and now fail
     store = LocalStore(store_root)

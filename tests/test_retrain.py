@@ -89,7 +89,9 @@ def test_rejected_data_fails_the_scheduled_run_with_an_event_and_artifact(tiny_c
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: tables.append(kw))
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: events.append(kw))
     with chat_jsonl.open("a") as fh:  # an empty reply breaks the data contract (no rejected rows allowed)
-        fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}) + "\n")
+        fh.write(
+            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}) + "\n"
+        )
 
     state = scheduled_retrain(tiny_config, return_state=True)
 

@@ -17,7 +17,9 @@ def test_upload_throughput_1gib(s3env, tmp_path):
     spec = importlib.util.spec_from_file_location("upload_throughput", _BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    settings = s3env.settings(endpoint_url=s3env.server.url, multipart_threshold_mib=16, multipart_chunksize_mib=16, max_concurrency=8)
+    settings = s3env.settings(
+        endpoint_url=s3env.server.url, multipart_threshold_mib=16, multipart_chunksize_mib=16, max_concurrency=8
+    )
 
     result = bench.run(s3env.server.url, s3env.bucket, 1024, 128, tmp_path, settings)
 

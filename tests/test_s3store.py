@@ -42,7 +42,9 @@ def test_commit_uploads_verifies_and_fetch_round_trips(s3env, tmp_path):
     assert store.commit("runs/r1/model") == f"s3://{s3env.bucket}/store/runs/r1/model"
 
     stored = s3env.objects("store/runs/r1/model/")
-    assert {k.removeprefix("store/runs/r1/model/"): v for k, v in stored.items() if not k.endswith("_COMPLETE")} == files
+    assert {
+        k.removeprefix("store/runs/r1/model/"): v for k, v in stored.items() if not k.endswith("_COMPLETE")
+    } == files
     marker = json.loads(stored["store/runs/r1/model/_COMPLETE"])
     assert marker["files"]["weights.bin"]["size"] == 12 * MIB
     assert len(_requests(s3env, "PUT", "partNumber=")) == 3  # 12 MiB in 5 MiB parts
@@ -50,7 +52,11 @@ def test_commit_uploads_verifies_and_fetch_round_trips(s3env, tmp_path):
 
     fresh = s3env.store(tmp_path / "other-cache")
     local = fresh.fetch("runs/r1/model")
-    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.name != "_COMPLETE" and p.is_file()} == files
+    assert {
+        p.relative_to(local).as_posix(): p.read_bytes()
+        for p in local.rglob("*")
+        if p.name != "_COMPLETE" and p.is_file()
+    } == files
 
     # a second commit of unchanged files re-uploads nothing
     before = len(_requests(s3env, "PUT", ""))
@@ -80,7 +86,9 @@ def test_recommit_drops_stale_objects_and_unfinished_marker(s3env, tmp_path):
 
 def test_alias_compare_and_swap_uses_conditional_puts(s3env, tmp_path):
     seen: list[dict] = []
-    s3env.proxy.rule = lambda method, path, headers: seen.append(headers) if path.endswith("production.json") and method == "PUT" else None
+    s3env.proxy.rule = lambda method, path, headers: (
+        seen.append(headers) if path.endswith("production.json") and method == "PUT" else None
+    )
     store = s3env.store(tmp_path / "cache")
     key = "models/m/production.json"
 
@@ -126,7 +134,9 @@ def test_transient_500_503_and_slowdown_are_retried(s3env, tmp_path):
         # the first attempt of every request fails, alternating the error kind
         n = counts[method + path] = counts.get(method + path, 0) + 1
         if n == 1 and method in ("PUT", "POST", "HEAD"):
-            return [Fault(500, "InternalError"), Fault(503, "SlowDown"), Fault(503, "ServiceUnavailable")][len(counts) % 3]
+            return [Fault(500, "InternalError"), Fault(503, "SlowDown"), Fault(503, "ServiceUnavailable")][
+                len(counts) % 3
+            ]
         return None
 
     s3env.proxy.rule = flaky

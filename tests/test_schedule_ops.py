@@ -54,7 +54,9 @@ def _reject(cfg: PipelineConfig, run_id: str, reasons: list[str]):
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*QLORA_FLOW, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [*QLORA_FLOW, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def _wait(condition, what: str, timeout_s: float = 60):
@@ -86,7 +88,10 @@ def test_only_a_production_rejection_pauses_and_status_says_why_then_resume(stac
         # the other rejections were emitted (and evaluated) first: had one matched, it would be here too
         assert _wait(triggered_by, "the automation's triggered event") == [str(production.id)]
         assert not client.read_deployment(ids[MANUAL]).paused
-    assert {experiment.resource["qlora-flow.alias"], unpublished.resource.get("qlora-flow.alias")} == {"experiment", None}
+    assert {experiment.resource["qlora-flow.alias"], unpublished.resource.get("qlora-flow.alias")} == {
+        "experiment",
+        None,
+    }
 
     status = _cli(env, "schedule", "status", MODEL)
     assert status.returncode == 0, status.stderr
@@ -100,7 +105,7 @@ def test_only_a_production_rejection_pauses_and_status_says_why_then_resume(stac
 
     resumed = _cli(env, "schedule", "resume", MODEL)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith(f'ok: resumed {SCHEDULED} (paused ') and AUTOMATION in resumed.stdout
+    assert resumed.stdout.startswith(f"ok: resumed {SCHEDULED} (paused ") and AUTOMATION in resumed.stdout
     with get_client(sync_client=True) as client:
         assert client.read_deployment(ids[SCHEDULED]).paused is False
     assert "not paused" in _cli(env, "schedule", "status").stdout.splitlines()[0]
@@ -123,9 +128,11 @@ def test_errors_are_one_line(stack):
     env, _, _ = stack
     unknown = _cli(env, "schedule", "status", "no-such-model")
     assert unknown.returncode == 2
-    assert unknown.stderr.strip().splitlines() == [(
-        f"error: no scheduled qlora-flow deployment of model 'no-such-model' on {env['PREFECT_API_URL']}; register "
-        "them with `python -m deployments.deploy` (scripts/local_stack.sh does) or check the model name"
-    )]
+    assert unknown.stderr.strip().splitlines() == [
+        (
+            f"error: no scheduled qlora-flow deployment of model 'no-such-model' on {env['PREFECT_API_URL']}; register "
+            "them with `python -m deployments.deploy` (scripts/local_stack.sh does) or check the model name"
+        )
+    ]
     no_api = _cli({k: v for k, v in env.items() if k != "PREFECT_API_URL"}, "schedule", "resume", MODEL)
     assert no_api.returncode == 2 and no_api.stderr.startswith("error: PREFECT_API_URL is not set")

@@ -183,8 +183,12 @@ def _as_legacy(root: Path, old_root: Path) -> None:
     old = LocalStore(old_root)
     for marker in root.glob("cache/**/_COMPLETE"):
         marker.write_text("ok\n")
-    for document in [*root.glob("cache/adapter/*/adapter/adapter_ref.json"), *root.glob("cache/data/*/report.json"),
-                     *root.glob("cache/*/*/entry.json"), *root.glob("runs/*/eval/report.json")]:
+    for document in [
+        *root.glob("cache/adapter/*/adapter/adapter_ref.json"),
+        *root.glob("cache/data/*/report.json"),
+        *root.glob("cache/*/*/entry.json"),
+        *root.glob("runs/*/eval/report.json"),
+    ]:
         document.write_text(json.dumps(old.as_uris(json.loads(document.read_text())), indent=2))
     for alias in root.glob("models/*/*.json"):
         pointer = json.loads(alias.read_text())
@@ -202,8 +206,11 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
     first = qlora_pipeline(cfg, return_state=True).result()
     assert first.status == "published"
     original = Path(cfg.execution.store)
-    leaks = [p.relative_to(original).as_posix() for p in [*original.rglob("*.json"), *original.rglob("_COMPLETE")]
-             if str(original) in p.read_text()]
+    leaks = [
+        p.relative_to(original).as_posix()
+        for p in [*original.rglob("*.json"), *original.rglob("_COMPLETE")]
+        if str(original) in p.read_text()
+    ]
     # only for display: the published manifest's config, the aliases' URIs beside their keys, and PEFT's note of
     # where the base was loaded from (the pipeline always passes the base itself)
     assert all(p.startswith("models/") or p.endswith(("/manifest.json", "/adapter_config.json")) for p in leaks), leaks
@@ -215,7 +222,9 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
     _no_rebuilds(monkeypatch)
 
     for name in ("copy", "legacy"):
-        pulled = pull_model(str(tmp_path / name), cfg.publish.model_name, cfg.publish.alias, tmp_path / f"pulled-{name}")
+        pulled = pull_model(
+            str(tmp_path / name), cfg.publish.model_name, cfg.publish.alias, tmp_path / f"pulled-{name}"
+        )
         assert json.loads((pulled / "manifest.json").read_text())["run_id"] == first.run_id
         moved = cfg.model_copy(deep=True)
         moved.execution.store = str(tmp_path / name)
@@ -227,15 +236,21 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
         assert result.adapter.fingerprint == first.adapter.fingerprint and result.adapter.steps == first.adapter.steps
         assert result.adapter.loss_history == first.adapter.loss_history  # the stored adapter, not a new training
         assert result.data.fingerprint == first.data.fingerprint and result.base.fingerprint == first.base.fingerprint
-        for uri in (result.adapter.uri, result.data.train_uri, result.data.report_uri, result.base.nf4_uri,
-                    result.merged.uri):
+        for uri in (
+            result.adapter.uri,
+            result.data.train_uri,
+            result.data.report_uri,
+            result.base.nf4_uri,
+            result.merged.uri,
+        ):
             assert uri.startswith(str(tmp_path / name) + "/"), uri
         assert not (tmp_path / name / "quarantine").exists()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]
 
 
-def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(tiny_config, tiny_model_dir, s3env, tmp_path,
-                                                                   monkeypatch):
+def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(
+    tiny_config, tiny_model_dir, s3env, tmp_path, monkeypatch
+):
     """`aws s3 sync` / `mc mirror` of a store: the validated-data entry (report with keys, and a legacy one with
     absolute s3:// URIs of the old prefix) is found under the new prefix without validating again."""
     import tasks.validate
@@ -258,7 +273,11 @@ def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(tiny_config, t
     entry = f"cache/data/{first.fingerprint}"
     report = mirror.read_json(f"{entry}/report.json")
     assert report["report_uri"] == f"{entry}/report.json"  # stored as a key
-    legacy = {**report, "report_uri": first.report_uri, "quarantine_uri": first.report_uri.replace("report.json", "quarantine.jsonl")}
+    legacy = {
+        **report,
+        "report_uri": first.report_uri,
+        "quarantine_uri": first.report_uri.replace("report.json", "quarantine.jsonl"),
+    }
     assert legacy["report_uri"].startswith(f"s3://{s3env.bucket}/store/")
     (mirror.workdir(entry) / "report.json").write_text(json.dumps(legacy))
     mirror.commit(entry)

@@ -57,7 +57,10 @@ def test_rows_staged_for_the_gpu_copy_match_the_lookup_and_reuse_one_buffer(monk
     table = torch.nn.Embedding(256, 8)
     cpu_embedding = _CpuEmbedding(table, torch.device("cpu"), pinned=True)
     assert not cpu_embedding.weight.requires_grad
-    small, large = torch.tensor([[3, 7, 255]]), torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    small, large = (
+        torch.tensor([[3, 7, 255]]),
+        torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2)),
+    )
     first = cpu_embedding._staged_rows(large)
     assert first.shape == (2, 5, 8) and torch.equal(first, table(large).detach())
     buffer = cpu_embedding._staging.data_ptr()
@@ -88,7 +91,9 @@ def test_compiled_layers_match_eager_and_compile_at_most_twice_over_changing_len
     for ids in batches:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        eager.append((loss.item(), model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad.clone()))
+        eager.append(
+            (loss.item(), model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad.clone())
+        )
         model.zero_grad()
     torch._dynamo.reset()
     counters.clear()

@@ -171,7 +171,10 @@ def test_alias_without_a_readable_manifest_does_not_block_publishing(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="tasks.publish"):
         published = publish_run(cfg, store, "run-1", **refs)
     assert "names no readable manifest" in caplog.text
-    assert published.alias_moved and store.read_json(f"models/{cfg.publish.model_name}/production.json")["run_id"] == "run-1"
+    assert (
+        published.alias_moved
+        and store.read_json(f"models/{cfg.publish.model_name}/production.json")["run_id"] == "run-1"
+    )
 
 
 def test_repeat_and_reused_model_on_s3(s3env, chat_jsonl, tmp_path):

@@ -245,7 +245,9 @@ def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, t
            "-m", "tasks.train", str(spec), str(result)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (proc.stdout + proc.stderr).count(f"'compile_layers': {compile_layers == 'on'}") == 2, proc.stdout[-2000:] + proc.stderr[-2000:]  # each rank's logged plan
+    assert (proc.stdout + proc.stderr).count(f"'compile_layers': {compile_layers == 'on'}") == 2, (
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    )  # each rank's logged plan
 
     ddp = json.loads(result.read_text())
     assert ddp["fingerprint"] == single.fingerprint and ddp["steps"] == 4

@@ -17,7 +17,9 @@ def _plan(budget, **kw):
 def _planned_gib(plan, shape=LLAMA3_8B, seq=1024):
     """What the planner reserved for the plan: its estimate with the margin on activations."""
     tokens = plan.per_device_batch_size * seq
-    return estimate_peak_gib(shape, tokens, plan.gradient_checkpointing, True, plan.compile_layers, plan.offload, margin=True)
+    return estimate_peak_gib(
+        shape, tokens, plan.gradient_checkpointing, True, plan.compile_layers, plan.offload, margin=True
+    )
 
 
 def test_whole_h200_drops_checkpointing_and_keeps_the_global_batch():
@@ -130,9 +132,13 @@ def test_packing_auto_means_on_gpus_only():
 
 
 def test_a_tied_embedding_is_the_lm_head_and_stays_on_the_gpu():
-    tied = ModelShape(parameters=1_235_814_400, hidden_size=2048, num_layers=16, vocab_size=128_256, tied_embeddings=True)
+    tied = ModelShape(
+        parameters=1_235_814_400, hidden_size=2048, num_layers=16, vocab_size=128_256, tied_embeddings=True
+    )
     untied = ModelShape(parameters=1_235_814_400, hidden_size=2048, num_layers=16, vocab_size=128_256)
     table_gib = 128_256 * 2048 * 2 / 2**30
     saved_tied = estimate_peak_gib(tied, 4096, True, True) - estimate_peak_gib(tied, 4096, True, True, offload=True)
-    saved_untied = estimate_peak_gib(untied, 4096, True, True) - estimate_peak_gib(untied, 4096, True, True, offload=True)
+    saved_untied = estimate_peak_gib(untied, 4096, True, True) - estimate_peak_gib(
+        untied, 4096, True, True, offload=True
+    )
     assert saved_untied - saved_tied == pytest.approx(table_gib)

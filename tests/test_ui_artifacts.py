@@ -58,14 +58,19 @@ def runs(tmp_path_factory):
         unchanged = scheduled_retrain(load_config(None, overrides), return_state=True)
         with get_client(sync_client=True) as client:
             found = {
-                name: (client.read_flow_run(state.state_details.flow_run_id), _artifacts(client, state.state_details.flow_run_id))
+                name: (
+                    client.read_flow_run(state.state_details.flow_run_id),
+                    _artifacts(client, state.state_details.flow_run_id),
+                )
                 for name, state in (("published", published), ("rejected", rejected), ("unchanged", unchanged))
             }
         yield {"env": env, "port": port, "home": home, **found}
 
 
 def _artifacts(client, flow_run_id) -> dict:
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
     return {a.key: a for a in found if a.key}
 
 

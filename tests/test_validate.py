@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TOKENIZER_DIR, make_chat_rows
 from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR, make_chat_rows
 from qlora_flow.config import ConfigError, load_config
 from qlora_flow.store import LocalStore
 from tasks import validate as validate_mod
@@ -249,9 +249,17 @@ def test_cache_hit_reuses_outputs_and_re_applies_thresholds(tmp_path, make_cfg, 
 def test_cross_chunk_duplicates(tmp_path, make_cfg, store, tokenizer, monkeypatch):
     monkeypatch.setattr(validate_mod, "CHUNK_ROWS", 7)
     rows = make_chat_rows(30)
-    rows += [rows[2], {"messages": [{"role": m["role"], "content": m["content"].upper()} for m in rows[25]["messages"]]}]
-    result = validate_dataset(make_cfg(write_jsonl(tmp_path / "d.jsonl", rows), max_rejected_fraction=0.1), store, tokenizer)
-    assert {q["row"]: q["reasons"][0]["check"] for q in quarantine_of(result.report_uri)} == {31: "duplicate", 32: "near_duplicate"}
+    rows += [
+        rows[2],
+        {"messages": [{"role": m["role"], "content": m["content"].upper()} for m in rows[25]["messages"]]},
+    ]
+    result = validate_dataset(
+        make_cfg(write_jsonl(tmp_path / "d.jsonl", rows), max_rejected_fraction=0.1), store, tokenizer
+    )
+    assert {q["row"]: q["reasons"][0]["check"] for q in quarantine_of(result.report_uri)} == {
+        31: "duplicate",
+        32: "near_duplicate",
+    }
     assert result.n_train + result.n_eval == 30
 
 
@@ -276,32 +284,51 @@ def write_all_formats(tmp_path: Path, rows: list[dict]) -> dict[str, Path]:
 
 def test_fingerprint_is_format_and_order_independent(tmp_path, make_cfg, store, tokenizer):
     rows = make_chat_rows(30)
-    results = {fmt: validate_dataset(make_cfg(p), store, tokenizer) for fmt, p in write_all_formats(tmp_path, rows).items()}
+    results = {
+        fmt: validate_dataset(make_cfg(p), store, tokenizer) for fmt, p in write_all_formats(tmp_path, rows).items()
+    }
     assert {r.source_format for r in results.values()} == {"jsonl", "json", "csv", "parquet", "hf_disk"}
     assert len({r.fingerprint for r in results.values()}) == 1
-    assert {(r.n_train, r.n_eval, r.n_rejected) for r in results.values()} == {(results["jsonl"].n_train, results["jsonl"].n_eval, 0)}
+    assert {(r.n_train, r.n_eval, r.n_rejected) for r in results.values()} == {
+        (results["jsonl"].n_train, results["jsonl"].n_eval, 0)
+    }
 
     shuffled = rows[:]
     random.Random(1).shuffle(shuffled)
     reordered = validate_dataset(make_cfg(write_jsonl(tmp_path / "shuffled.jsonl", shuffled)), store, tokenizer)
     assert reordered.fingerprint == results["jsonl"].fingerprint
     # the seeded split follows the rows, not their positions
-    assert sorted(map(json.dumps, read_split(reordered.eval_uri))) == sorted(map(json.dumps, read_split(results["jsonl"].eval_uri)))
+    assert sorted(map(json.dumps, read_split(reordered.eval_uri))) == sorted(
+        map(json.dumps, read_split(results["jsonl"].eval_uri))
+    )
 
     changed = json.loads(json.dumps(rows))
     changed[17]["messages"][1]["content"] = changed[17]["messages"][1]["content"].replace("a", "e", 1)
-    assert validate_dataset(make_cfg(write_jsonl(tmp_path / "changed.jsonl", changed)), store, tokenizer).fingerprint != results["jsonl"].fingerprint
+    assert (
+        validate_dataset(make_cfg(write_jsonl(tmp_path / "changed.jsonl", changed)), store, tokenizer).fingerprint
+        != results["jsonl"].fingerprint
+    )
     base = results["jsonl"].fingerprint
-    assert validate_dataset(make_cfg(paths_jsonl := tmp_path / "d.jsonl", split_seed=7), store, tokenizer).fingerprint != base
-    assert validate_dataset(make_cfg(paths_jsonl, **{"training.max_seq_length": 100}), store, tokenizer).fingerprint != base
+    assert (
+        validate_dataset(make_cfg(paths_jsonl := tmp_path / "d.jsonl", split_seed=7), store, tokenizer).fingerprint
+        != base
+    )
+    assert (
+        validate_dataset(make_cfg(paths_jsonl, **{"training.max_seq_length": 100}), store, tokenizer).fingerprint
+        != base
+    )
 
 
 def test_prompt_completion_and_instruction_shapes(tmp_path, make_cfg, store, tokenizer):
     import pandas as pd
 
     pc = tmp_path / "pc.csv"
-    pd.DataFrame({"q": [f"Question {i}?" for i in range(10)], "a": [f"Answer {i}." for i in range(10)]}).to_csv(pc, index=False)
-    result = validate_dataset(make_cfg(pc, column_mapping={"q": "prompt", "a": "completion"}, system_prompt="Be terse."), store, tokenizer)
+    pd.DataFrame({"q": [f"Question {i}?" for i in range(10)], "a": [f"Answer {i}." for i in range(10)]}).to_csv(
+        pc, index=False
+    )
+    result = validate_dataset(
+        make_cfg(pc, column_mapping={"q": "prompt", "a": "completion"}, system_prompt="Be terse."), store, tokenizer
+    )
     rows = read_split(result.train_uri) + read_split(result.eval_uri)
     assert len(rows) == 10 and result.n_rejected == 0
     assert sorted(rows, key=lambda m: m[1]["content"])[3] == [
@@ -324,7 +351,9 @@ def test_prompt_completion_and_instruction_shapes(tmp_path, make_cfg, store, tok
 def test_system_prompt_only_added_where_missing(tmp_path, make_cfg, store, tokenizer):
     rows = make_chat_rows(10)
     rows[0]["messages"].insert(0, {"role": "system", "content": "Own system."})
-    result = validate_dataset(make_cfg(write_jsonl(tmp_path / "s.jsonl", rows), system_prompt="Default.", eval_fraction=0.5), store, tokenizer)
+    result = validate_dataset(
+        make_cfg(write_jsonl(tmp_path / "s.jsonl", rows), system_prompt="Default.", eval_fraction=0.5), store, tokenizer
+    )
     systems = sorted(m[0]["content"] for m in read_split(result.train_uri) + read_split(result.eval_uri))
     assert systems == ["Default."] * 9 + ["Own system."]
 
@@ -381,7 +410,9 @@ def test_truncate_rejects_rows_whose_prompt_alone_is_too_long(tmp_path, make_cfg
     rows = make_chat_rows(12)
     rows[0]["messages"][0]["content"] = "word " * 300
     with pytest.raises(DataValidationError) as info:
-        validate_dataset(make_cfg(write_jsonl(tmp_path / "p.jsonl", rows), overlength_policy="truncate"), store, tokenizer)
+        validate_dataset(
+            make_cfg(write_jsonl(tmp_path / "p.jsonl", rows), overlength_policy="truncate"), store, tokenizer
+        )
     assert info.value.checks["overlength"] == 1
     assert "cutting the assistant reply cannot make it fit" in str(info.value)
 
@@ -410,7 +441,11 @@ def s3_server():
 def test_s3_sources(tmp_path, make_cfg, store, tokenizer, s3_server, monkeypatch):
     import boto3
 
-    for var, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(var, value)
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket="data")
@@ -444,14 +479,29 @@ def test_prefect_task_publishes_report_and_rejection_event(tmp_path, make_cfg, t
 
     result = validate_mod.validate_dataset_task.fn(make_cfg(path, max_rejected_fraction=0.2))
     assert result.n_rejected == 4
-    assert {row["check"]: row["rows"] for row in tables[0]["table"]} == {"duplicate": 1, "empty_content": 1, "last_turn": 1, "parse": 1}
+    assert {row["check"]: row["rows"] for row in tables[0]["table"]} == {
+        "duplicate": 1,
+        "empty_content": 1,
+        "last_turn": 1,
+        "parse": 1,
+    }
     assert events[0]["event"] == "data.rejected" and events[0]["payload"]["n_rejected"] == 4
 
     with pytest.raises(DataValidationError):  # a failing run still reports what it quarantined
         validate_mod.validate_dataset_task.fn(make_cfg(path))
     assert len(tables) == 2 and len(events) == 2
-    assert validate_mod.validate_dataset_task.retry_condition_fn(None, None, types.SimpleNamespace(result=lambda raise_on_failure: DataValidationError("x", {}))) is False
-    assert validate_mod.validate_dataset_task.retry_condition_fn(None, None, types.SimpleNamespace(result=lambda raise_on_failure: OSError("reset"))) is True
+    assert (
+        validate_mod.validate_dataset_task.retry_condition_fn(
+            None, None, types.SimpleNamespace(result=lambda raise_on_failure: DataValidationError("x", {}))
+        )
+        is False
+    )
+    assert (
+        validate_mod.validate_dataset_task.retry_condition_fn(
+            None, None, types.SimpleNamespace(result=lambda raise_on_failure: OSError("reset"))
+        )
+        is True
+    )
 
 
 # ------------------------------------------------------------------ token counting shortcut
@@ -459,10 +509,12 @@ def test_prefect_task_publishes_report_and_rejection_event(tmp_path, make_cfg, t
 
 def test_byte_bound_never_hides_an_overlength_row(tokenizer):
     rng = random.Random(0)
-    words = ["a", "data", "ünïcødé", "naïve", "{\"k\": 1}", "🙂", "longerwordhere", "\n"]
+    words = ["a", "data", "ünïcødé", "naïve", '{"k": 1}', "🙂", "longerwordhere", "\n"]
     convs = [
-        [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))},
-         {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))}]
+        [
+            {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))},
+            {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 60)))},
+        ]
         for _ in range(300)
     ]
     exact = [len(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in convs]
@@ -480,10 +532,33 @@ def test_byte_bound_never_hides_an_overlength_row(tokenizer):
 @pytest.mark.parametrize(
     "spec, bounded",
     [
-        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}, True),
-        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split"}, {"type": "ByteLevel", "add_prefix_space": False}]}}, True),
-        ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}, False),
+        (
+            {
+                "normalizer": None,
+                "model": {"type": "BPE"},
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+            },
+            True,
+        ),
+        (
+            {
+                "normalizer": None,
+                "model": {"type": "BPE"},
+                "pre_tokenizer": {
+                    "type": "Sequence",
+                    "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel", "add_prefix_space": False}],
+                },
+            },
+            True,
+        ),
+        (
+            {
+                "normalizer": None,
+                "model": {"type": "BPE"},
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True},
+            },
+            False,
+        ),
         ({"normalizer": None, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}, False),
         ({"normalizer": {"type": "NFKC"}, "model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"}}, False),
         ({"normalizer": None, "model": {"type": "Unigram"}, "pre_tokenizer": {"type": "ByteLevel"}}, False),
@@ -503,7 +578,12 @@ def test_tokenizer_without_chat_template_is_a_config_error(tmp_path, make_cfg, s
 
 def test_quarantine_names_source_columns_under_column_mapping(tmp_path, make_cfg, store, tokenizer):
     rows = [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(10)] + [{"q": "Question 10?", "a": 10}]
-    cfg = make_cfg(write_jsonl(tmp_path / "qa.jsonl", rows), column_mapping={"q": "prompt", "a": "completion"}, max_rejected_fraction=0.1, eval_fraction=0.5)
+    cfg = make_cfg(
+        write_jsonl(tmp_path / "qa.jsonl", rows),
+        column_mapping={"q": "prompt", "a": "completion"},
+        max_rejected_fraction=0.1,
+        eval_fraction=0.5,
+    )
     result = validate_dataset(cfg, store, tokenizer)
     assert [(q["row"], q["reasons"]) for q in quarantine_of(result.report_uri)] == [
         (11, [{"check": "type", "field": "a", "message": "field has the wrong type, expected a string (got 10)"}])
@@ -521,10 +601,14 @@ def test_csv_chat_column_under_column_mapping(tmp_path, make_cfg, store, tokeniz
 
     rows = make_chat_rows(10)
     path = tmp_path / "chat.csv"
-    pd.DataFrame({"conversation": [json.dumps(r["messages"]) for r in rows[:9]] + ["[not json"]}).to_csv(path, index=False)
+    pd.DataFrame({"conversation": [json.dumps(r["messages"]) for r in rows[:9]] + ["[not json"]}).to_csv(
+        path, index=False
+    )
     cfg = make_cfg(path, column_mapping={"conversation": "messages"}, max_rejected_fraction=0.1, eval_fraction=0.5)
     result = validate_dataset(cfg, store, tokenizer)
     assert result.n_train + result.n_eval == 9
-    assert sorted(map(json.dumps, read_split(result.train_uri) + read_split(result.eval_uri))) == sorted(json.dumps(r["messages"]) for r in rows[:9])
+    assert sorted(map(json.dumps, read_split(result.train_uri) + read_split(result.eval_uri))) == sorted(
+        json.dumps(r["messages"]) for r in rows[:9]
+    )
     [q] = quarantine_of(result.report_uri)
     assert (q["row"], q["reasons"][0]["check"], q["reasons"][0]["field"]) == (10, "messages_type", "conversation")

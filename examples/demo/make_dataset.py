@@ -13,10 +13,39 @@ import random
 from pathlib import Path
 
 SYSTEM = "Extract the order as JSON with keys customer, item, quantity, city."
-FIRST = ["Maria", "John", "Aiko", "Omar", "Lena", "Ravi", "Sofia", "Chen", "Tom", "Nadia", "Paul", "Ines", "Kofi", "Eva"]
+FIRST = [
+    "Maria",
+    "John",
+    "Aiko",
+    "Omar",
+    "Lena",
+    "Ravi",
+    "Sofia",
+    "Chen",
+    "Tom",
+    "Nadia",
+    "Paul",
+    "Ines",
+    "Kofi",
+    "Eva",
+]
 LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Berg", "Patel", "Rossi", "Wang", "Brown", "Novak", "Martin", "Silva"]
-ITEMS = ["blue mug", "desk lamp", "notebook", "water bottle", "phone case", "backpack", "umbrella", "keyboard",
-         "coffee grinder", "yoga mat", "wall clock", "tea kettle", "headphones", "bike light"]
+ITEMS = [
+    "blue mug",
+    "desk lamp",
+    "notebook",
+    "water bottle",
+    "phone case",
+    "backpack",
+    "umbrella",
+    "keyboard",
+    "coffee grinder",
+    "yoga mat",
+    "wall clock",
+    "tea kettle",
+    "headphones",
+    "bike light",
+]
 CITIES = ["Denver", "Lyon", "Osaka", "Cairo", "Oslo", "Pune", "Milan", "Austin", "Leeds", "Porto", "Accra", "Graz"]
 TEMPLATES = [
     "{customer} wants {quantity} x {item}, please ship to {city}.",

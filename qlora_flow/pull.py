@@ -24,7 +24,7 @@ from qlora_flow.config import S3Settings
 from qlora_flow.errors import PermanentError
 from qlora_flow.fingerprint import sha256_file
 from qlora_flow.layout import MANIFEST_NAME
-from qlora_flow.store import ArtifactStore, LocalStore
+from qlora_flow.store import ArtifactStore, open_store_at
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,10 @@ def stored_key(run: str, entry: dict) -> str:
 
 
 def _open(store_uri: str, s3: S3Settings | None, cache_dir: Path) -> ArtifactStore:
-    if store_uri.startswith("s3://"):
-        from qlora_flow.s3store import S3Store
-
-        return S3Store.from_config(store_uri, s3 or S3Settings(), cache_dir=cache_dir)
-    if not Path(store_uri).is_dir():
+    # a pull reads: a mistyped local store must not be created empty and then reported as missing a model
+    if not store_uri.startswith("s3://") and not Path(store_uri).is_dir():
         raise PullError(f"artifact store {store_uri} does not exist")
-    return LocalStore(store_uri)
+    return open_store_at(store_uri, s3, cache_dir)
 
 
 def pull_model(

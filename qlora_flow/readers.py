@@ -158,31 +158,6 @@ def _hf_disk(path: Path, uri: str) -> Iterator[RawRow]:
             yield RawRow(number, record)
 
 
-def _s3_client(settings: S3Settings):
-    import boto3
-    from botocore.config import Config
-
-    if settings.credentials_block:
-        try:
-            from prefect_aws import AwsCredentials
-        except ImportError:
-            raise ConfigError(
-                f"execution.s3.credentials_block={settings.credentials_block!r} needs the prefect-aws package; "
-                "install it or use a profile/environment credentials"
-            ) from None
-        session = AwsCredentials.load(settings.credentials_block).get_boto3_session()
-    else:
-        import boto3.session
-
-        session = boto3.session.Session(profile_name=settings.profile)
-    config = Config(
-        s3={"addressing_style": settings.addressing_style},
-        request_checksum_calculation=settings.checksum_mode,
-        response_checksum_validation=settings.checksum_mode,
-    )
-    return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
-
-
 @contextlib.contextmanager
 def local_copy(uri: str, settings: S3Settings, field: str) -> Iterator[Path]:
     """A local path for uri: the path itself, or a temporary download of an s3:// object or prefix."""
@@ -196,7 +171,9 @@ def local_copy(uri: str, settings: S3Settings, field: str) -> Iterator[Path]:
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     prefix = key.rstrip("/") + "/"
-    client = _s3_client(settings)
+    from qlora_flow.s3store import make_client  # the store's client: same credentials, retries and timeouts
+
+    client = make_client(settings)
     with tempfile.TemporaryDirectory(prefix="qlora-flow-data-") as tmp:
         target = Path(tmp) / (key.rstrip("/").rsplit("/", 1)[-1] or bucket)
         try:

@@ -267,13 +267,6 @@ class S3Store(ArtifactStore):
             found.update({obj["Key"]: (obj["Size"], obj["ETag"].strip('"')) for obj in page.get("Contents", [])})
         return found
 
-    def remove(self, key: str) -> None:
-        """Delete everything stored at key (an object or a prefix)."""
-        keys = [self._k(k) for k in self.list(key)]
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-
     def file_info(self, key: str) -> tuple[int, str]:
         head = self._head(key)
         if head is None:

@@ -283,9 +283,6 @@ class LocalStore(ArtifactStore):
             raise FileNotFoundError(f"{self.uri(key)} is missing or was never completed")
         return self._p(key)
 
-    def remove(self, key: str) -> None:
-        shutil.rmtree(self._p(key), ignore_errors=True)
-
     def file_info(self, key: str) -> tuple[int, str]:
         from qlora_flow.fingerprint import sha256_file
 
@@ -331,8 +328,14 @@ class LocalStore(ArtifactStore):
 
 def open_store(execution) -> ArtifactStore:
     """The store named by an ExecutionConfig: a local directory, or s3://bucket/prefix."""
-    if execution.store.startswith("s3://"):
+    return open_store_at(execution.store, execution.s3, execution.local_cache)
+
+
+def open_store_at(store_uri: str, s3, cache_dir) -> ArtifactStore:
+    """The store at a URI (what `qlora-flow pull --store` names); s3 is the S3Settings for an s3:// URI."""
+    if store_uri.startswith("s3://"):
+        from qlora_flow.config import S3Settings
         from qlora_flow.s3store import S3Store
 
-        return S3Store.from_config(execution.store, execution.s3, cache_dir=execution.local_cache)
-    return LocalStore(execution.store)
+        return S3Store.from_config(store_uri, s3 or S3Settings(), cache_dir=cache_dir)
+    return LocalStore(store_uri)

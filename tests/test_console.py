@@ -99,11 +99,12 @@ def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
     monkeypatch.setattr(
         flows.pipeline, "qlora_pipeline", lambda cfg, return_state: Failed(name="Rejected", data=result)
     )
-    assert cli.cmd_run(SimpleNamespace(config=None, set=[])) == cli.EXIT_REJECTED
+    assert cli.cmd_run(SimpleNamespace(config=None, set=[], debug=True)) == cli.EXIT_REJECTED
     assert "run r1: rejected" in capsys.readouterr().out
     crash = Failed(message="boom", data=RuntimeError("boom"))
     monkeypatch.setattr(flows.pipeline, "qlora_pipeline", lambda cfg, return_state: crash)
-    assert cli.cmd_run(SimpleNamespace(config=None, set=[])) == cli.EXIT_FAILED
+    with pytest.raises(RuntimeError, match="boom"):  # a crash is not a rejection: main() prints it as an error line
+        cli.cmd_run(SimpleNamespace(config=None, set=[], debug=True))
 
 
 @pytest.mark.slow

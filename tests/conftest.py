@@ -16,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Prefect's console log handler keeps the stream that sys.stderr was when Prefect set up logging (importing
+# prefect.main; a bare `import prefect` defers it). Do it here, under pytest's session-wide capture: done first
+# inside a capsys test, the handler kept that test's stream, closed when the test ended, and every later flow's
+# log line failed with RecursionError (test_console then test_flow_e2e).
+import prefect.main  # noqa: F401
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"
 

@@ -67,7 +67,9 @@ def quiet_library_noise() -> None:
     # `gradient_checkpointing`): raised from the libraries' modules, fixed by upgrading them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)(\.|$)")
     # bitsandbytes on CPUs: an optional faster kernel package is absent; the built-in kernel runs.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage(r"pip install kernels"))
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessage) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_DropMessage(r"pip install kernels"))
 
 
 def stage_of(record: logging.LogRecord) -> str | None:

@@ -26,6 +26,25 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """`qlora_flow.cli.main` run in-process replaces the root logger's handlers with one bound to this test's
+    (captured, soon closed) stderr; left there, every later flow's log line fails. Put back what was there."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = root.handlers[:], root.level
+    yield
+    ours = [h for h in before if not type(h).__module__.startswith("_pytest")]
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    for handler in ours:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
 def build_tiny_model_dir(dest: Path, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 64) saved in bf16 with the SmolLM2 tokenizer and chat template."""
     import torch

@@ -215,8 +215,11 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_flow.recipe import step_arguments
     from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu, offload_large_activations_only
+    from qlora_flow.training_backends import training_backend
+
+    # The bench builds TRL's SFTTrainer itself, so its step settings come from the trl backend's recipe.
+    step_arguments = training_backend("trl").step_arguments
 
     name, modifiers = split_profile(args.profile)
     local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,8 +1,9 @@
 """Stage 3: LoRA training on the NF4 base, resumable and content-addressed.
 
-The training itself is the recipe in qlora_flow/recipe.py (TRL's SFTTrainer; local files in, adapter and
-statistics out). This module is the stage around it: the fingerprint, the store (inputs, checkpoints,
-the adapter), the child process, the per-adapter lock and the Prefect task.
+The training itself is the backend that `training.backend` names (qlora_flow/training_backends.py; the default
+is the TRL recipe in qlora_flow/recipe.py: local files in, adapter and statistics out). This module is the stage
+around it: the fingerprint, the store (inputs, checkpoints, the adapter), the child process, the per-adapter lock
+and the Prefect task.
 
 Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG, trainer state;
@@ -10,7 +11,7 @@ Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/adapter/                          the final adapter + tokenizer + adapter_ref.json
 
 The fingerprint covers the data, the base model, the LoRA and training settings that change the
-result, the recipe's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
+result, the backend's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
 run that died resumes from the newest complete checkpoint.
 
 GPU work runs in a child process (`python -m tasks.train SPEC RESULT`) so that a timeout or a
@@ -44,10 +45,11 @@ from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
-from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device, train_lora
+from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
+from qlora_flow.training_backends import backend_code_modules, training_backend
 from qlora_flow.training_plan import resolve_packing
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: Prep
         recipe_fingerprint(cfg),
         {"packed": packed},
         code_version(
-            "qlora_flow.recipe",
+            *backend_code_modules(cfg.training.backend),  # the default's: exactly "qlora_flow.recipe"
             "qlora_flow.models",
             "qlora_flow.hardware",
             "qlora_flow.training_plan",
@@ -111,7 +113,7 @@ def run_training(
     base: PreparedBase,
     on_progress: Callable[[dict], None] | None = None,
 ) -> AdapterRef:
-    """Train (or resume) in this process: fetch the inputs, run the recipe (qlora_flow.recipe), store the adapter.
+    """Train (or resume) in this process: fetch the inputs, run the backend's recipe, store the adapter.
     Use `train_adapter` for caching and process isolation.
 
     Each trainer log report goes to on_progress; without one it is printed for a parent process."""
@@ -134,7 +136,7 @@ def run_training(
         resume_from=resume[1] if resume else None,
     )
     _remove_incomplete_checkpoints(inputs.checkpoint_dir)
-    stats = train_lora(
+    stats = training_backend(cfg.training.backend).train_lora(
         cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
         on_log=on_progress or _print_progress,
     )  # fmt: skip

@@ -35,6 +35,8 @@ class ConfigError(PermanentError, ValueError):
 
 
 _NUMBERS = (int, float, int | None, float | None)
+# the columns the data shapes are read from (data.column_mapping renames onto these)
+CANONICAL_COLUMNS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output")
 
 
 def _not_blank(value: object) -> object:
@@ -96,6 +98,28 @@ class DataConfig(_Section):
         default_factory=dict,
         description="Rename source columns to the canonical names, e.g. {'question': 'prompt', 'answer': 'completion'}.",
     )
+
+    @field_validator("column_mapping")
+    @classmethod
+    def _canonical_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        # a column renamed to a name no shape reads would be ignored; two renamed to one, one silently lost
+        for source, target in value.items():
+            if target not in CANONICAL_COLUMNS:
+                close = difflib.get_close_matches(target, CANONICAL_COLUMNS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise PydanticCustomError(
+                    "column",
+                    "{rename}: {hint}the columns read are {known}",
+                    {"rename": f"{source!r} -> {target!r}", "hint": hint, "known": ", ".join(CANONICAL_COLUMNS)},
+                )
+        targets = list(value.values())
+        twice = next((t for t in targets if targets.count(t) > 1), None)
+        if twice:
+            sources = " and ".join(repr(s) for s, t in value.items() if t == twice)
+            raise PydanticCustomError("column", "{sources} are both renamed to {target}; keep one",
+                                      {"sources": sources, "target": repr(twice)})  # fmt: skip
+        return value
+
     system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")
     # a blank one would be inserted into every row lacking a system turn, and reject them all as empty_content
     _system_prompt = field_validator("system_prompt")(_not_blank)

@@ -31,14 +31,19 @@ _SUFFIXES = {
     ".pq": "parquet",
 }
 _HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-# first bytes of files that no reader understands as they are, or that carry a misleading suffix
+# first bytes of files that no reader understands as they are, or that carry a misleading suffix:
+# magic -> (what the file is, what to do)
+_UNPACK = "decompress it first (compressed files are not read)"
 _MAGIC = {
-    b"\x1f\x8b": "gzip-compressed",
-    b"BZh": "bzip2-compressed",
-    b"\xfd7zXZ\x00": "xz-compressed",
-    b"\x28\xb5\x2f\xfd": "zstd-compressed",
-    b"PK\x03\x04": "a zip archive (an .xlsx workbook is one: export it as CSV)",
-    b"PAR1": "a Parquet file",
+    b"\x1f\x8b": ("gzip-compressed", _UNPACK),
+    b"BZh": ("bzip2-compressed", _UNPACK),
+    b"\xfd7zXZ\x00": ("xz-compressed", _UNPACK),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", _UNPACK),
+    b"PK\x03\x04": ("a zip archive", "an .xlsx workbook is one: export the sheet as CSV, or unzip the archive"),
+    b"PAR1": ("a Parquet file", "give it a .parquet suffix"),
+    # Windows PowerShell's `>` writes UTF-16: every row would fail to parse
+    b"\xff\xfe": ("UTF-16 text", "save it as UTF-8"),
+    b"\xfe\xff": ("UTF-16 text", "save it as UTF-8"),
 }
 _BOM = "\ufeff"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -66,13 +71,8 @@ def detect_format(path: Path, uri: str) -> str:
     fmt = _SUFFIXES.get(path.suffix.lower())
     with open(path, "rb") as fh:
         head = fh.read(8)
-    kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
+    kind, fix = next((found for magic, found in _MAGIC.items() if head.startswith(magic)), (None, None))
     if kind and not (fmt == "parquet" and kind == "a Parquet file"):
-        fix = (
-            "give it a .parquet suffix"
-            if kind == "a Parquet file"
-            else "decompress it first (compressed files are not read)"
-        )
         raise file_error("unknown_format", f"{uri} is {kind}" + (f", not {fmt}" if fmt else "") + f"; {fix}")
     if fmt is None:
         raise file_error(

@@ -322,6 +322,40 @@ def fold_tool_turns(turns: Messages) -> Messages:
     return messages
 
 
+# the blocks tool traffic is stored as (see the module docstring): our own text, not the user's tokens
+_TOOL_MARKUP = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}
+# the text fields each non-chat shape becomes, by role of the turn
+_TEXT_FIELDS = {
+    "prompt_completion": {"user": "prompt", "assistant": "completion"},
+    "instruction": {"user": "instruction/input", "assistant": "output"},
+}
+
+
+def template_tokens(tokenizer) -> list[str]:
+    """Special tokens that the chat template writes or that end a sequence: inside a row's text they would be
+    read as turn boundaries (a fake assistant turn, a loss mask in the wrong place)."""
+    template = tokenizer.chat_template or ""
+    ends = {tokenizer.eos_token, tokenizer.bos_token} - {None}
+    return sorted({t for t in tokenizer.all_special_tokens if t in template or t in ends} - _TOOL_MARKUP)
+
+
+def _check_special_tokens(chunk: _Chunk, shape: str, data: DataConfig, tokens: list[str]) -> None:
+    prefix, names = _FIELD_NAMES.get(shape, ("messages", {}))
+    for i, messages in enumerate(chunk.messages):
+        for t, turn in enumerate(messages or ()):
+            found = next((tok for tok in tokens if tok in turn["content"]), None)
+            if found is None:
+                continue
+            if turn["role"] == "system" and turn["content"] == data.system_prompt:
+                where = "data.system_prompt"
+            else:
+                where = _TEXT_FIELDS.get(shape, {}).get(
+                    turn["role"], f"{prefix}[{t}].{names.get('content', 'content')}"
+                )
+            chunk.reject(i, "special_tokens", where, f"{CHECKS['special_tokens']} (found {found!r})")
+            break
+
+
 # ---------------------------------------------------------------- token lengths
 
 
@@ -497,6 +531,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
     byte_bound = _tokens_never_shorter_than_a_byte(tokenizer)
     longest = _longest_token_bytes(tokenizer) if byte_bound else None
     lengths = _Lengths(tokenizer, cfg.training.max_seq_length, byte_bound, longest)
+    special = template_tokens(tokenizer)
     with ExitStack() as stack:
         writers = {
             s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")
@@ -511,6 +546,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                 n_rows += len(rows)
                 chunk = _normalise(cfg.data, shape, rows, text_cells=source.fmt == "csv")
                 _check_turns(chunk, shape)
+                _check_special_tokens(chunk, shape, cfg.data, special)
                 # after folding, so the same conversations in any chat shape hash the same
                 digests += [
                     _digest(source.split + "\x1d" + _canonical(m if m is not None else r.value))

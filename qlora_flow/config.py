@@ -45,6 +45,11 @@ def _not_blank(value: object) -> object:
     return value
 
 
+def _unset_or(check):
+    """check, except for '' which keeps meaning "not set" for an optional setting (as None does)."""
+    return lambda value: value if value == "" else check(value)
+
+
 # a scheme other than s3:// (https://, gs://, hf://), or a mistyped s3 one (s3:/b, S3://b); one letter is a drive
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
@@ -92,7 +97,8 @@ class DataConfig(_Section):
         description="Data shape: chat `messages` (OpenAI, with tool_calls/tool turns), ShareGPT `conversations` "
         "({from, value}), prompt/completion or instruction/input/output; auto detects it from the columns.",
     )
-    _paths = field_validator("train_path", "eval_path")(_location)
+    _train_path = field_validator("train_path")(_location)
+    _eval_path = field_validator("eval_path")(_unset_or(_location))
 
     column_mapping: dict[str, str] = Field(
         default_factory=dict,
@@ -122,7 +128,7 @@ class DataConfig(_Section):
 
     system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")
     # a blank one would be inserted into every row lacking a system turn, and reject them all as empty_content
-    _system_prompt = field_validator("system_prompt")(_not_blank)
+    _system_prompt = field_validator("system_prompt")(_unset_or(_not_blank))
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 42
     overlength_policy: Literal["fail", "drop", "truncate"] = "fail"

@@ -11,7 +11,14 @@ import os
 import threading
 from pathlib import Path
 
-from qlora_flow.config import BaseModelConfig, ConfigError, PipelineConfig, S3Settings, check_local_inputs
+from qlora_flow.config import (
+    BaseModelConfig,
+    ConfigError,
+    LoraSettings,
+    PipelineConfig,
+    S3Settings,
+    check_local_inputs,
+)
 from qlora_flow.errors import CREDENTIAL_S3_CODES, s3_error_code
 from qlora_flow.sources import resolve_source
 
@@ -35,7 +42,7 @@ def preflight(cfg: PipelineConfig, quick: bool = True) -> None:
     check_local_inputs(cfg)
     _check_local_store(cfg.execution.store)
     _check_local_cache(cfg.execution.local_cache)
-    check_base_model(cfg.base_model, cfg.lora.target_modules)
+    check_base_model(cfg.base_model, cfg.lora)
     check_s3_locations(cfg, quick)
 
 
@@ -66,15 +73,15 @@ def _check_local_cache(local_cache: str) -> None:
 # ---------------------------------------------------------------- base model
 
 
-def check_base_model(base: BaseModelConfig, target_modules: list[str] | None = None) -> None:
+def check_base_model(base: BaseModelConfig, lora: LoraSettings | None = None) -> None:
     try:
         source = resolve_source(base)
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc}; {WHERE_TO_POINT}") from None
     if source.kind == "hub":
         check_hub_repo("base_model.id", base.id, base.revision, "config.json", WHERE_TO_POINT)
-    if source.kind == "dir" and target_modules:
-        check_target_modules(target_modules, Path(source.location), base.id)
+    if source.kind == "dir" and lora is not None:
+        check_lora_targets(lora, Path(source.location), base.id)
     if base.tokenizer_id:
         path = Path(base.tokenizer_id).expanduser()
         if path.is_dir():
@@ -87,11 +94,11 @@ def check_base_model(base: BaseModelConfig, target_modules: list[str] | None = N
         check_hub_repo("base_model.tokenizer_id", base.tokenizer_id, base.revision, "tokenizer_config.json", hint)
 
 
-def matrix_modules(model_dir: Path) -> set[str] | None:
-    """Names of the modules with a 2-D weight (linear and embedding layers: what LoRA adapts) in a model
-    directory's safetensors shards, read from their JSON headers (no torch, no weights); None when it
-    has no readable safetensors files."""
-    modules: set[str] = set()
+def matrix_modules(model_dir: Path) -> dict[str, list[int]] | None:
+    """Shapes of the 2-D weights (linear and embedding layers: what LoRA adapts) by module name, read from
+    the JSON headers of a model directory's safetensors shards (no torch, no weights); None when it has
+    no readable safetensors files."""
+    modules: dict[str, list[int]] = {}
     shards = sorted(model_dir.glob("*.safetensors"))
     for shard in shards:
         try:
@@ -100,28 +107,40 @@ def matrix_modules(model_dir: Path) -> set[str] | None:
         except (OSError, ValueError):  # unreadable or not safetensors: loading the model reports it
             return None
         modules |= {
-            name.removesuffix(".weight")
+            name.removesuffix(".weight"): info["shape"]
             for name, info in header.items()
             if name.endswith(".weight") and len(info.get("shape", ())) == 2
         }
     return modules if shards else None
 
 
-def check_target_modules(targets: list[str], model_dir: Path, model_id: str) -> None:
-    """Every lora.target_modules name must name a layer of the model, as peft matches a list: the
-    module's full name or its last dotted parts. Otherwise peft stops training with a traceback."""
+def check_lora_targets(lora: LoraSettings, model_dir: Path, model_id: str) -> None:
+    """Every lora.target_modules name must name a layer of the model, as peft matches a list (the module's
+    full name or its last dotted parts), and lora.r must fit at least one of them; otherwise peft stops
+    the training child with a traceback, or the adapter takes more memory than the layers it adapts."""
     modules = matrix_modules(model_dir)
     if modules is None:
         return
     config = model_dir / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings"):
-        modules.add("lm_head")  # tied: stored once, as the input embedding, but a module of its own
-    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        # tied: stored once, as the input embedding, yet a module of its own that LoRA can adapt
+        embedding = [shape for m, shape in modules.items() if m.rsplit(".", 1)[-1] in ("embed_tokens", "wte")]
+        if embedding:
+            modules.setdefault("lm_head", embedding[0])
+    targets = lora.target_modules
+    hit = {t: [m for m in modules if m == t or m.endswith("." + t)] for t in targets}
+    missing = [t for t in targets if not hit[t]]
     if missing:
         known = sorted({m.rsplit(".", 1)[-1] for m in modules})
         raise ConfigError(
             f"lora.target_modules: {', '.join(map(repr, missing))} names no linear layer of the base model "
             f"{model_id}; its layers are called {', '.join(known[:30])}"
+        )
+    widest = max(min(modules[m]) for found in hit.values() for m in found)
+    if lora.r > widest:
+        raise ConfigError(
+            f"lora.r: {lora.r} is more than the rank of every adapted layer of {model_id} (at most {widest}); "
+            "a larger rank adds memory, not capacity"
         )
 
 

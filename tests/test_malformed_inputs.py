@@ -69,15 +69,15 @@ def zip_bytes() -> bytes:
 def safetensors_model(tmp: Path) -> None:
     """A model directory whose only weight file names two linear layers (what the target_modules check reads)."""
     header = {
-        "model.layers.0.self_attn.q_proj.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-        "model.layers.0.mlp.down_proj.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32]},
-        "model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [32, 40]},
+        "model.layers.0.self_attn.q_proj.weight": {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, 256]},
+        "model.layers.0.mlp.down_proj.weight": {"dtype": "F32", "shape": [8, 16], "data_offsets": [256, 768]},
+        "model.norm.weight": {"dtype": "F32", "shape": [8], "data_offsets": [768, 800]},
     }
     blob = json.dumps(header).encode()
     model = tmp / "st-model"
     shutil.copytree(TOKENIZER_DIR, model)
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(40))
+    (model / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(800))
 
 
 @dataclass
@@ -230,6 +230,12 @@ CASES = [
     Case("target-modules-empty", ["lora.target_modules"], rc=2, patch={"lora.target_modules": []}),
     Case("target-modules-typo", ["lora.target_modules: 'q_projj' names no linear layer", "down_proj, q_proj"], rc=2,
          patch={"lora.target_modules": ["q_proj", "q_projj"], "base_model.id": "@/st-model"},
+         setup=lambda tmp, _: safetensors_model(tmp)),
+    Case("rank-above-every-layer", ["lora.r: 16 is more than the rank of every adapted layer", "(at most 8)"], rc=2,
+         patch={"lora.target_modules": ["q_proj", "down_proj"], "base_model.id": "@/st-model"},
+         setup=lambda tmp, _: safetensors_model(tmp)),
+    Case("rank-and-targets-that-fit", [], rc=0,
+         patch={"lora.target_modules": ["q_proj", "down_proj"], "lora.r": 8, "base_model.id": "@/st-model"},
          setup=lambda tmp, _: safetensors_model(tmp)),
     Case("max-shard-size-word", ["merge.max_shard_size", "2GB"], rc=2, patch={"merge.max_shard_size": "lots"}),
     Case("max-shard-size-gib", ["merge.max_shard_size"], rc=2, patch={"merge.max_shard_size": "2GiB"}),

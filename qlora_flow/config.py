@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import zoneinfo
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -382,6 +383,15 @@ class ExecutionConfig(_Section):
 class ScheduleConfig(_Section):
     cron: str = Field("0 3 * * *", description="When the scheduled retraining deployment runs.")
     timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        # what Prefect's Cron accepts; checked here so a typo fails at load, not when deploying
+        if value not in zoneinfo.available_timezones():
+            raise PydanticCustomError("timezone", "not an IANA time zone such as UTC or Europe/Oslo")
+        return value
+
     active: bool = True
 
 
@@ -474,8 +484,7 @@ def _did_you_mean(loc: tuple) -> str:
         model = field.annotation
     key = str(loc[-1])
     close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.6)
-    match = _KNOWN_AS.get(key) if key in _KNOWN_AS and _KNOWN_AS[key] in model.model_fields else None
-    match = match or (close[0] if close else None)
+    match = _KNOWN_AS.get(key) if _KNOWN_AS.get(key) in model.model_fields else (close or [None])[0]
     return f" (did you mean {'.'.join(map(str, (*loc[:-1], match)))}?)" if match else ""
 
 

@@ -40,9 +40,9 @@ def preflight(cfg: PipelineConfig, quick: bool = True) -> None:
     configured execution.s3 retries before it gives up.
     """
     check_local_inputs(cfg)
-    _check_local_store(cfg.execution.store)
     _check_local_cache(cfg.execution.local_cache)
     check_base_model(cfg.base_model, cfg.lora)
+    _check_local_store(cfg.execution.store)  # creates the directory: only once the rest is known to be usable
     check_s3_locations(cfg, quick)
 
 

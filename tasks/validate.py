@@ -230,10 +230,11 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
     frame = pd.DataFrame(cells, index=list(records), columns=list(schema.columns), dtype=object)
     for case in failures(schema, frame):
         column = case.column
+        name = source_name.get(column, column)
         got = f"got {_got(case.value)}"
         if column not in records[case.index]:  # absent, not null: say what the row has instead (mixed shapes)
-            got = f"the row has no `{source_name.get(column, column)}`; its fields: {', '.join(map(str, rows[case.index].value))}"
-        chunk.reject(case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} ({got})")
+            got = f"the row has no `{name}`; its fields: {', '.join(map(str, rows[case.index].value))}"
+        chunk.reject(case.index, case.check, name, f"{CHECKS[case.check]} ({got})")
     for i, record in records.items():
         if not chunk.reasons[i]:
             messages = _to_messages(shape, record)

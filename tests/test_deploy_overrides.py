@@ -106,8 +106,8 @@ def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(st
     bad = runs[bad_run].state
     assert bad.type.value == "FAILED"
     assert (
-        "training.max_step: unknown key (did you mean training.max_steps?); check the spelling against configs/default.yaml"
-        in bad.message
+        "training.max_step: unknown key (did you mean training.max_steps?); "
+        "check the spelling against configs/default.yaml" in bad.message
     )
     assert runs[bad_run].name.startswith("invalid config | ")
 

@@ -40,7 +40,7 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.engine import resolve_inputs_sync
 
 from qlora_flow.config import ExecutionConfig, PipelineConfig
-from qlora_flow.gpu_locks import hold_gpus
+from qlora_flow.gpu_locks import hold_gpus, visible_devices
 
 GPU_TAG = "gpu"
 # The first GPU a GpuTaskRunner task leased, as an index into what its process sees (see use_leased_gpu).
@@ -259,7 +259,10 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         if need == 0:
             return self._in_process({**env, "CUDA_VISIBLE_DEVICES": ""}, call)
         with gpu_lease(self.host, self.gpus, need, holder, logger, self._stop_waiting) as ids:
-            pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), LEASED_GPU_ENV: str(ids[0])}
+            # the leased indices as this process sees them, named as CUDA_VISIBLE_DEVICES named them here: under
+            # CUDA_VISIBLE_DEVICES=2,3 index 0 is GPU 2, not the host's GPU 0
+            visible = visible_devices(self.gpus)
+            pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(visible[i] for i in ids), LEASED_GPU_ENV: str(ids[0])}
             return self._in_process(pinned, call)
 
     def _in_process(self, env: dict[str, str], call: bytes) -> Any:
@@ -302,7 +305,7 @@ def flow_gpu_lease(execution: ExecutionConfig, device: str) -> Iterator[list[int
         return
     host = socket.gethostname()
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = previous.split(",") if previous else [str(i) for i in range(total)]
+    visible = visible_devices(total)
     in_process = torch.cuda.is_available()  # initialises CUDA now if nothing did: the indices below are in `visible`
     with gpu_lease(host, total, max(execution.gpus, 1)) as ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)

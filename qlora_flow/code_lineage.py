@@ -142,8 +142,8 @@ def code_hashes(group: str) -> list[str]:
 
 def log_adoption(kind: str, earlier: str, current: str, record_uri: str) -> None:
     log.info(
-        "%s cache: fingerprint %s has no entry; adopting the one stored under fingerprint %s by earlier code "
-        "declared equivalent (qlora_flow/code_lineage.py), recorded in %s",
+        "%s cache: fingerprint %s has no entry; adopting the one stored under fingerprint %s by an earlier "
+        "version of the code (qlora_flow/code_lineage.py), recorded in %s",
         kind, current[:24], earlier[:24], record_uri,
     )  # fmt: skip
 

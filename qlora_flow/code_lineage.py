@@ -64,7 +64,7 @@ GROUPS: dict[str, CodeGroup] = {
             "2d250ce867c8c3487998acd54fb54116b4a5a1694c54e624ad17f683efd8d890",  # 55b137c
             "626e5822029c611b382711d249f88fc174e50c95e4622e291397f139e0f5b873",  # 0507253
             "a5c270920204e2462a75bab1f162f4d627ada63061ee323b7cd99387a708a6a8",  # e68ccc1 .. c5b760c
-            "c257af4ed67a8fcd847de608f38adaa4f9a55663048a6b23de64d040789d411b",  # code lineage: earlier entries
+            "c257af4ed67a8fcd847de608f38adaa4f9a55663048a6b23de64d040789d411b",  # compat: lookup adopts earlier entries
         ),
         digest=source_digest,
     ),
@@ -99,7 +99,7 @@ GROUPS: dict[str, CodeGroup] = {
             "766fe1ea68257533",  # 551919b: tasks.evaluate, .metrics, .models
             "272bb676fe772bfb",  # 55b137c: input readers moved to qlora_flow/stage_inputs.py
             "6c9a058da3e2b51e",  # 0507253 .. c5b760c (ruff format)
-            "ad2124dbd61968ff",  # code lineage: the cache lookup adopts earlier entries
+            "ad2124dbd61968ff",  # compat: lookup adopts earlier entries
         ),
     ),
     # qlora_flow/stage_cache.py merge_fingerprint
@@ -109,7 +109,7 @@ GROUPS: dict[str, CodeGroup] = {
             "5a734344aac87740",  # 551919b: tasks.merge, .models
             "0a2627e3c0426129",  # 55b137c: readers and the training-mask check moved to qlora_flow/
             "0900a93ee16fac99",  # 0507253 .. c5b760c (ruff format)
-            "6a01b340268d028d",  # code lineage: the cache lookup adopts earlier entries
+            "6a01b340268d028d",  # compat: lookup adopts earlier entries
         ),
     ),
     # tasks/export_gguf.py gguf_fingerprints
@@ -119,7 +119,7 @@ GROUPS: dict[str, CodeGroup] = {
             "d8e7bcdf00c8ca0e",  # 9eb6ee8 .. 551919b
             "f516c9aaadd81d56",  # 55b137c: its key from qlora_flow/layout.py
             "bf7290085236d039",  # 0507253 .. c5b760c (ruff format)
-            "055316be80930135",  # code lineage: the cache lookup adopts earlier entries
+            "c16c972bd16a201c",  # compat: lookup adopts earlier entries
         ),
     ),
 }

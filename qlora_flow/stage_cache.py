@@ -87,7 +87,7 @@ def evaluation_fingerprints(
             cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
             code,
             library_versions(),
-        )  # fmt: skip
+        )
         for code in code_hashes("evaluation")
     ]
 
@@ -113,7 +113,7 @@ def merge_fingerprints(
             data.fingerprint if data else "eval-report-samples",
             code,
             library_versions(),
-        )  # fmt: skip
+        )
         for code in code_hashes("merge")
     ]
 

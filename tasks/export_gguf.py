@@ -64,7 +64,7 @@ def gguf_fingerprints(cfg: PipelineConfig, merged: MergedModel, data: ValidatedD
             cfg.evaluation.max_new_tokens,
             cfg.publish.model_name,
             code,
-        )  # fmt: skip
+        )
         for code in code_hashes("gguf")
     ]
 

@@ -7,6 +7,7 @@
 #   bash bench/run_h200.sh side-w1    # 1 GPU: W1 seed recipe, ours and Unsloth at whole GPU and 40 GiB
 #   bash bench/run_h200.sh side-w1-low  # 1 GPU: W1 seed recipe, ours and Unsloth at 16 and 7 GiB
 #   bash bench/run_h200.sh side-w2    # 1 GPU: W2 seed recipe, ours and Unsloth at every budget
+#   bash bench/run_h200.sh side-pair  # 2 GPUs: W1 rows (PROFILES_W1) on GPU 0 | W2 rows (PROFILES_W2) on GPU 1
 #   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 on GPU 1)
 #   bash bench/run_h200.sh ddp        # 2 GPUs: W2 ours, DDP over both vs one GPU
@@ -53,6 +54,11 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
   side-w2)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W2 "${PROFILES:-unsloth,ours,seed,unsloth7,lowmem,unsloth16,budget16,unsloth40,budget40}" side-w2.jsonl ;;
+  side-pair)  # 2 GPUs, two one-GPU phases at once: W1 rows on GPU 0 | W2 rows on GPU 1
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W1 "${PROFILES_W1:-unsloth40,budget40}" side-pair-w1.jsonl &
+    train 1 W2 "${PROFILES_W2:-unsloth16,budget16}" side-pair-w2.jsonl &
+    wait ;;
   variants)
     (build > "$OUT/build.jsonl" 2>&1; train 0 W1 ours,ours+liger,ours+compile,ours+prof w1-variants.jsonl) &
     # Random weights give near-flat logits, whose top-1 flips under any bf16 rounding: 0.9, not 0.99.
@@ -62,7 +68,7 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
   sweep)
     # Needs `bash bench/fetch_wheels.sh prefect` in .whl/ (carry .whl alone: Unsloth's wheels are not used here).
     python3 -c "import prefect, pandera, flows.sweep; print('prefect stack imports ok')" 2>&1 | tail -3
-    timeout "$(left)" python3 bench/sweep_gpus.py --shape llama3.2-1b --steps 100 2> "$OUT/sweep.err" | tee "$OUT/sweep.jsonl" ;;
+    timeout "$(left)" python3 bench/sweep_gpus.py --shape llama3.2-1b --steps "${SWEEP_STEPS:-100}" 2> "$OUT/sweep.err" | tee "$OUT/sweep.jsonl" ;;
   final)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 baseline,ours,budget40,lowmem w1-final.jsonl &
@@ -82,6 +88,6 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
   levers)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 "${PROFILES:-baseline,lowmem,lowmem+prof,baseline+prof,lowmem+nopack,lowmem+liger}" w1-levers.jsonl ;;
-  *) echo "usage: $0 check|side-w1|side-w1-low|side-w2|variants|final|ddp|sweep|lowmem|w2|levers"; exit 2 ;;
+  *) echo "usage: $0 check|side-pair|side-w1|side-w1-low|side-w2|variants|final|ddp|sweep|lowmem|w2|levers"; exit 2 ;;
 esac
 tail -q -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

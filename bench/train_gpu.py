@@ -33,7 +33,7 @@ A profile may carry modifiers after '+': `liger` (Liger's RMSNorm/SwiGLU/RoPE ke
 `compile` / `nocompile` (force torch.compile of each decoder layer on / off), `nodrop` (LoRA dropout 0: shows dropout's share of the
 step), `ddp` (DDP over all visible GPUs via torchrun, same global batch: grad-accum divided by the GPU
 count), `prof` (torch profiler over two measured steps; the op table goes to $OUT or the current dir).
-Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` (force checkpointing),
+Candidates for a <= 7 GiB profile: `micro<N>` (N rows per micro-batch), `ckpt` / `nockpt` (force checkpointing on / off),
 `cpuembed` (input embedding in CPU memory), `adam8bit` (paged 8-bit AdamW), `offload` (the planner's
 offload: `cpuembed` plus TRL's activation offloading, tensors saved for backward wait in pinned CPU
 memory; the planner picks it when nothing else fits the budget, as in the `lowmem` profile), `nopack`
@@ -81,6 +81,7 @@ MODIFIERS = {
     "ddp",
     "prof",
     "ckpt",
+    "nockpt",
     "cpuembed",
     "adam8bit",
     "offload",
@@ -214,8 +215,11 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_flow.recipe import step_arguments
     from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu, offload_large_activations_only
+    from qlora_flow.training_backends import training_backend
+
+    # The bench builds TRL's SFTTrainer itself, so its step settings come from the trl backend's recipe.
+    step_arguments = training_backend("trl").step_arguments
 
     name, modifiers = split_profile(args.profile)
     local_rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -231,6 +235,8 @@ def run_one(args) -> dict:
             settings["batch"], settings["accum"] = int(m[5:]), global_batch // (int(m[5:]) * world)
     if "ckpt" in modifiers:
         settings["gradient_checkpointing"] = True
+    if "nockpt" in modifiers:
+        settings["gradient_checkpointing"] = False
     if "offload" in modifiers:
         settings["offload"] = True
     if "nopack" in modifiers:  # the baseline's batching (pad to longest) and attention (SDPA) in this profile

@@ -39,6 +39,7 @@ from typing import TypeVar
 from qlora_flow.fingerprint import code_version, source_digest
 from qlora_flow.layout import adoption_key
 from qlora_flow.store import ArtifactStore
+from qlora_flow.training_backends import DEFAULT_BACKEND, backend_code_modules
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,18 @@ class CodeGroup:
     modules: tuple[str, ...]  # what today's fingerprint hashes
     lineage: tuple[str, ...]  # versions declared to give today's results, oldest first; the last is today's
     digest: Callable[..., str] = code_version
+
+
+def training_modules(backend: str) -> tuple[str, ...]:
+    """What the adapter fingerprint hashes for a training backend: its modules (for the default exactly
+    qlora_flow.recipe) and those every backend trains with."""
+    return (
+        *backend_code_modules(backend),
+        "qlora_flow.models",
+        "qlora_flow.hardware",
+        "qlora_flow.training_plan",
+        "qlora_flow.training_template",
+    )
 
 
 GROUPS: dict[str, CodeGroup] = {
@@ -68,15 +81,9 @@ GROUPS: dict[str, CodeGroup] = {
         ),
         digest=source_digest,
     ),
-    # tasks/train.py training_fingerprint
+    # tasks/train.py training_fingerprint, with the default backend (trl); another backend has no earlier versions
     "training": CodeGroup(
-        (
-            "qlora_flow.recipe",
-            "qlora_flow.models",
-            "qlora_flow.hardware",
-            "qlora_flow.training_plan",
-            "qlora_flow.training_template",
-        ),
+        training_modules(DEFAULT_BACKEND),
         (
             # until the refactor the recipe was in tasks/train.py: tasks.train, .models, .hardware, .training_plan;
             # the edits after 25b5f32 were logging, resume and process handling, and the DoRA/rsLoRA options
@@ -90,6 +97,10 @@ GROUPS: dict[str, CodeGroup] = {
             # the refactor (issue 16) moved the recipe to qlora_flow/recipe.py and training_template.py
             "6a2342c30f068a02",  # 55b137c
             "5c5f9caacaa164ac",  # 0507253 .. c5b760c (ruff format: same syntax tree as 55b137c)
+            # the planner's fixed cost per micro-batch refitted: it picks how a step is split and recomputed, which
+            # the fingerprint leaves out as not changing the weights (memory_budget_gib, gradient_checkpointing)
+            "90b1308ce9568bad",  # f3d984d
+            "d9c11e7a7d58a132",  # 011f70d (backend switch: torch imported lazily in qlora_flow/hardware.py)
         ),
     ),
     # qlora_flow/stage_cache.py evaluation_fingerprint
@@ -131,13 +142,17 @@ def code_hash(group: str) -> str:
     return found.digest(*found.modules)
 
 
-def code_hashes(group: str) -> list[str]:
+def code_hashes(group: str, modules: tuple[str, ...] | None = None) -> list[str]:
     """Today's hash first, then the earlier versions declared equivalent, newest first; today's alone while
-    today's code is not the recorded last version."""
-    current, lineage = code_hash(group), GROUPS[group].lineage
-    if lineage[-1] != current:
+    today's code is not the recorded last version. Other `modules` than the group's (a training backend other
+    than the default) are code with no earlier version declared."""
+    found = GROUPS[group]
+    if modules is not None and modules != found.modules:
+        return [found.digest(*modules)]
+    current = code_hash(group)
+    if found.lineage[-1] != current:
         return [current]
-    return [current, *reversed(lineage[:-1])]
+    return [current, *reversed(found.lineage[:-1])]
 
 
 def log_adoption(kind: str, earlier: str, current: str, record_uri: str) -> None:

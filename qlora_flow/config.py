@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_flow.errors import PermanentError
+from qlora_flow.hardware import float16_on_cpu_problem
+from qlora_flow.training_backends import DEFAULT_BACKEND, TRAINING_BACKENDS, known_backends
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -101,6 +103,11 @@ class LoraSettings(_Section):
 
 
 class TrainingConfig(_Section):
+    backend: str = Field(
+        DEFAULT_BACKEND,
+        description="What trains the adapter (qlora_flow/training_backends.py): trl, TRL's SFTTrainer with PEFT "
+        "(qlora_flow/recipe.py).",
+    )
     max_seq_length: int = Field(512, ge=16)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
     num_epochs: float = Field(1.0, gt=0)
@@ -138,6 +145,13 @@ class TrainingConfig(_Section):
         description="GPU memory per GPU the training stage plans for and caps its allocator at "
         "(for a shared GPU); default: plan for what is free, no cap.",
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in TRAINING_BACKENDS:
+            raise ValueError(f"training.backend: unknown backend {value!r}; known: {', '.join(known_backends())}")
+        return value
 
     @model_validator(mode="after")
     def _offload_needs_checkpointing(self) -> TrainingConfig:
@@ -272,8 +286,9 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _gpu_options_need_gpu_device(self) -> PipelineConfig:
-        if self.execution.device == "cpu" and self.quantization.compute_dtype == "float16":
-            raise ValueError("quantization.compute_dtype: float16 compute is not supported on the CPU; use float32")
+        problem = float16_on_cpu_problem(self.quantization.compute_dtype, self.execution.device)
+        if problem:
+            raise ValueError(problem)
         if self.execution.gpus > 1 and not self.execution.isolate_gpu_stages:
             # DDP ranks are launched by torchrun from the child process; in-process training has one GPU.
             raise ValueError(

@@ -26,6 +26,7 @@ from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import CACHE_ENTRY_NAME, cache_key
 from qlora_flow.refs import AdapterRef, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore
+from qlora_flow.training_backends import DEFAULT_BACKEND
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,26 @@ _NON_RESULT_TRAINING_FIELDS = {
 }
 
 
+# Fields added after adapters were cached: at their default they stay out, so plain LoRA trained by TRL keeps the
+# recipe fingerprint it had before the LoRA variants and the backend switch existed.
 _LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default"}
+_TRAINING_LATER_DEFAULTS = {"backend": DEFAULT_BACKEND}
+
+
+def _without_defaults(section: dict, defaults: dict) -> dict:
+    return {name: value for name, value in section.items() if name not in defaults or value != defaults[name]}
 
 
 def recipe_fingerprint(cfg: PipelineConfig) -> str:
     """The training settings alone (LoRA, training, quantization): what scheduled retraining compares."""
     training = cfg.training.model_dump(mode="json", exclude=_NON_RESULT_TRAINING_FIELDS)
     lora = cfg.lora.model_dump(mode="json")
-    for name, default in _LORA_VARIANT_DEFAULTS.items():
-        if lora[name] == default:  # plain LoRA keeps the recipe fingerprint it had before the variants existed
-            del lora[name]
-    return combine("recipe", lora, training, cfg.quantization)
+    return combine(
+        "recipe",
+        _without_defaults(lora, _LORA_VARIANT_DEFAULTS),
+        _without_defaults(training, _TRAINING_LATER_DEFAULTS),
+        cfg.quantization,
+    )
 
 
 class Measurement(BaseModel):

@@ -22,11 +22,13 @@ _ACT_BYTES_NO_CHECKPOINTING_COMPILED = 53.0
 # Activations are the uncertain, fragmenting part of the peak (W2 on the whole H200: 110 GiB allocated,
 # 133 GiB reserved): the budget keeps 15% of them spare. Weights and fixed costs are known to ~0.2 GiB.
 _SAFETY = 0.85
-# Step-time model fitted to the same measurements: time(micro-batch) ~ tokens * (1.41 if checkpointing)
-# + a fixed cost worth ~5,100 tokens (NF4 dequantization and PEFT/bitsandbytes launch overhead per
-# micro-batch). The fixed cost is why bigger micro-batches win even when they need checkpointing.
+# Step-time model: time(micro-batch) ~ tokens * (1.41 if checkpointing) + a fixed cost per micro-batch (NF4
+# dequantization, LoRA and bitsandbytes launches). Fitted to W1 on an H200 with compiled layers (runs 13, 17, 18):
+# 16 x 1,024 unchecked 14,363 tok/s, 4 x 1,024 unchecked 12,909, 16 x 1,024 checkpointed 10,245 give a fixed cost
+# of ~640 tokens and a slowdown of 1.42. So at 40 GiB 4 unchecked rows beat 16 checkpointed ones (1.26x measured);
+# the ~5,100 fitted before compile (runs 1-2) made the planner checkpoint there.
 _CHECKPOINTING_SLOWDOWN = 1.41
-_FIXED_COST_TOKENS = 5100.0
+_FIXED_COST_TOKENS = 640.0
 # Offload (input embedding and checkpointed layer inputs in CPU memory) is only planned with checkpointing.
 # Measured on an H200 at micro-batch 4 (8B): activation offload alone cost 2% (run 11), and the whole offload
 # profile ran at 1.31-1.33x the baseline in 6.2 GiB (run 12), where the same micro-batch without offload does

@@ -1,8 +1,9 @@
 """Stage 3: LoRA training on the NF4 base, resumable and content-addressed.
 
-The training itself is the recipe in qlora_flow/recipe.py (TRL's SFTTrainer; local files in, adapter and
-statistics out). This module is the stage around it: the fingerprint, the store (inputs, checkpoints,
-the adapter), the child process, the per-adapter lock and the Prefect task.
+The training itself is the backend that `training.backend` names (qlora_flow/training_backends.py; the default
+is the TRL recipe in qlora_flow/recipe.py: local files in, adapter and statistics out). This module is the stage
+around it: the fingerprint, the store (inputs, checkpoints, the adapter), the child process, the per-adapter lock
+and the Prefect task.
 
 Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/checkpoints/checkpoint-<step>/   adapter, optimizer, scheduler, RNG, trainer state;
@@ -10,9 +11,9 @@ Where things live in the store (fp = training fingerprint):
     cache/adapter/<fp>/adapter/                          the final adapter + tokenizer + adapter_ref.json
 
 The fingerprint covers the data, the base model, the LoRA and training settings that change the
-result, the recipe's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
+result, the backend's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
 run that died resumes from the newest complete checkpoint. An adapter (or checkpoint) stored under the fingerprint of
-earlier recipe code declared equivalent in qlora_flow/code_lineage.py is used as well.
+earlier code declared equivalent in qlora_flow/code_lineage.py is used as well.
 
 GPU work runs in a child process (`python -m tasks.train SPEC RESULT`) so that a timeout or a
 cancellation kills it and frees the device, and its log lines stream into the Prefect run.
@@ -40,16 +41,17 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from qlora_flow.artifacts import TrainingProgressArtifact
-from qlora_flow.code_lineage import code_hashes, find_result
+from qlora_flow.code_lineage import code_hashes, find_result, training_modules
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
 from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
-from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device, train_lora
+from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
+from qlora_flow.training_backends import training_backend
 from qlora_flow.training_plan import resolve_packing
 
 log = logging.getLogger(__name__)
@@ -58,14 +60,14 @@ PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
 
 
 def training_fingerprints(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> list[str]:
-    """Today's adapter fingerprint first, then those that earlier recipe code declared equivalent computed
-    (qlora_flow.code_lineage "training")."""
+    """Today's adapter fingerprint first, then those that earlier code of the default backend declared equivalent
+    computed (qlora_flow.code_lineage "training")."""
     # `packing: auto` packs on GPUs only, and a packed row holds several examples: resolved, it names the recipe.
     packed = resolve_packing(cfg.training.packing, base.device)
     recipe, libraries = recipe_fingerprint(cfg), library_versions()
     return [
         combine("adapter", data.fingerprint, base.fingerprint, recipe, {"packed": packed}, code, libraries)
-        for code in code_hashes("training")
+        for code in code_hashes("training", training_modules(cfg.training.backend))
     ]
 
 
@@ -122,7 +124,7 @@ def run_training(
     base: PreparedBase,
     on_progress: Callable[[dict], None] | None = None,
 ) -> AdapterRef:
-    """Train (or resume) in this process: fetch the inputs, run the recipe (qlora_flow.recipe), store the adapter.
+    """Train (or resume) in this process: fetch the inputs, run the backend's recipe, store the adapter.
     Use `train_adapter` for caching and process isolation.
 
     Each trainer log report goes to on_progress; without one it is printed for a parent process."""
@@ -146,7 +148,7 @@ def run_training(
         resume_from=resume[1] if resume else None,
     )
     _remove_incomplete_checkpoints(inputs.checkpoint_dir)
-    stats = train_lora(
+    stats = training_backend(cfg.training.backend).train_lora(
         cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
         on_log=on_progress or _print_progress,
     )  # fmt: skip

@@ -104,35 +104,38 @@ def chat_jsonl(tmp_path) -> Path:
     return path
 
 
+def tiny_overrides(home: Path, train_path: Path, model_dir: Path) -> dict[str, object]:
+    """Config overrides that run every stage on the tiny model in a store under home, in seconds: the
+    tiny_config fixture, and the UI and deployment-stack tests, which change a few keys on top."""
+    return {
+        "data.train_path": str(train_path),
+        "data.eval_fraction": 0.2,
+        "base_model.id": str(model_dir),
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "training.max_seq_length": 128,
+        "training.max_steps": 6,
+        "training.per_device_batch_size": 4,
+        "training.save_steps": 2,
+        "training.logging_steps": 1,
+        "training.learning_rate": 1e-3,
+        "evaluation.max_generation_samples": 4,
+        "evaluation.max_new_tokens": 16,
+        "evaluation.gate.min_loss_improvement": -100.0,
+        "evaluation.gate.max_regression_vs_production": None,
+        "merge.verify_prompts": 2,
+        "execution.store": str(home / "store"),
+        "execution.local_cache": str(home / "cache"),
+        "execution.isolate_gpu_stages": False,
+    }
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir, chat_jsonl):
     """A PipelineConfig that runs every stage on the tiny model in a temp store, in seconds."""
     from qlora_flow.config import load_config
 
-    return load_config(
-        None,
-        {
-            "data.train_path": str(chat_jsonl),
-            "data.eval_fraction": 0.2,
-            "base_model.id": str(tiny_model_dir),
-            "lora.r": 4,
-            "lora.alpha": 8,
-            "training.max_seq_length": 128,
-            "training.max_steps": 6,
-            "training.per_device_batch_size": 4,
-            "training.save_steps": 2,
-            "training.logging_steps": 1,
-            "training.learning_rate": 1e-3,
-            "evaluation.max_generation_samples": 4,
-            "evaluation.max_new_tokens": 16,
-            "evaluation.gate.min_loss_improvement": -100.0,
-            "evaluation.gate.max_regression_vs_production": None,
-            "merge.verify_prompts": 2,
-            "execution.store": str(tmp_path / "store"),
-            "execution.local_cache": str(tmp_path / "cache"),
-            "execution.isolate_gpu_stages": False,
-        },
-    )
+    return load_config(None, tiny_overrides(tmp_path, chat_jsonl, tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

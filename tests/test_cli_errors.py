@@ -53,6 +53,12 @@ CASES = [
     Case(
         "cross-field", ["training.offload"], patch={"training.offload": "on", "training.gradient_checkpointing": "off"}
     ),
+    Case("unknown-backend", ["training.backend", "'unsloth'", "known: trl"], patch={"training.backend": "unsloth"}),
+    Case(
+        "float16-on-cpu",
+        ["quantization.compute_dtype", "not supported on the CPU"],
+        patch={"quantization.compute_dtype": "float16", "execution.device": "cpu"},
+    ),
     Case(
         "missing-train-file",
         ["data.train_path", "absent.jsonl", "does not exist"],

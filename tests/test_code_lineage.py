@@ -16,11 +16,12 @@ import tasks.evaluate as evaluate
 import tasks.merge as merge
 import tasks.train as train
 import tasks.validate as validate
-from qlora_flow.code_lineage import GROUPS, CodeGroup, code_hash, code_hashes, find_result
+from qlora_flow.code_lineage import GROUPS, CodeGroup, code_hash, code_hashes, find_result, training_modules
 from qlora_flow.layout import adoption_key, trained_adapter_key
 from qlora_flow.refs import AdapterRef, LossPoint, MergedModel
 from qlora_flow.stage_cache import Measurement, MergeEntry, evaluation_fingerprints, merge_fingerprints, write_entry
 from qlora_flow.store import LocalStore
+from qlora_flow.training_backends import TRAINING_BACKENDS
 from tasks.prepare_base import prepare_base_model
 from tests.test_evaluate_support import run_inputs, tiny_adapter_dir  # noqa: F401  (fixtures)
 
@@ -63,6 +64,10 @@ def test_earlier_versions_count_only_while_todays_code_is_the_recorded_one(monke
     lineage = GROUPS["training"].lineage
     assert code_hashes("training") == [current, *reversed(lineage[:-1])]
     assert TRAINING_25B5F32 in code_hashes("training")
+    # another training backend's code has no earlier versions declared
+    monkeypatch.setitem(TRAINING_BACKENDS, "fake", "tests.fake_training_backend")
+    assert code_hashes("training", training_modules("trl")) == code_hashes("training")
+    assert len(code_hashes("training", training_modules("fake"))) == 1
     # an edit not declared yet: nothing earlier is adopted
     monkeypatch.setitem(GROUPS, "training", CodeGroup(GROUPS["training"].modules, lineage, digest=lambda *m: "edited"))
     assert code_hashes("training") == ["edited"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from conftest import build_tiny_model_dir, make_chat_rows
+from conftest import build_tiny_model_dir, make_chat_rows, tiny_overrides
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
@@ -51,14 +51,10 @@ def stack(tmp_path_factory) -> Stack:
     data = home / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(40)))
     tiny = load_config(None, {
-        "data.train_path": str(data), "data.eval_fraction": 0.2,
-        "base_model.id": str(build_tiny_model_dir(home / "tiny-model")),
-        "lora.r": 4, "lora.alpha": 8, "training.max_seq_length": 128, "training.max_steps": 4,
-        "training.per_device_batch_size": 4, "training.save_steps": 2, "training.logging_steps": 1,
-        "training.learning_rate": 1e-3, "evaluation.max_generation_samples": 2, "evaluation.max_new_tokens": 8,
-        "evaluation.gate.min_loss_improvement": -100.0, "evaluation.gate.max_regression_vs_production": None,
-        "merge.verify_prompts": 1, "publish.model_name": MODEL, "execution.store": str(home / "store"),
-        "execution.local_cache": str(home / "cache"), "execution.isolate_gpu_stages": False,
+        **tiny_overrides(home, data, build_tiny_model_dir(home / "tiny-model")),
+        # the worker runs it with every test of the module waiting: fewer steps, samples and tokens
+        "training.max_steps": 4, "evaluation.max_generation_samples": 2, "evaluation.max_new_tokens": 8,
+        "merge.verify_prompts": 1, "publish.model_name": MODEL,
     })  # fmt: skip
     port = free_port()
     with prefect_server(home / "prefect", port, home / "server.log") as env, api_of(env):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model_dir, make_chat_rows
+from conftest import build_tiny_model_dir, make_chat_rows, tiny_overrides
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -41,14 +41,10 @@ def runs(tmp_path_factory):
         row["messages"][0]["content"] += " Please read the whole note carefully before answering." * 5
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = {
-        "data.train_path": str(data), "data.eval_fraction": 0.2,
-        "base_model.id": str(build_tiny_model_dir(home / "tiny-model")),
-        "lora.r": 4, "lora.alpha": 8, "training.max_seq_length": 256, "training.max_steps": 6,
-        "training.per_device_batch_size": 4, "training.save_steps": 2, "training.logging_steps": 1,
-        "training.learning_rate": 1e-3, "evaluation.max_generation_samples": 3, "evaluation.max_new_tokens": 40,
-        "evaluation.gate.min_loss_improvement": -100.0, "evaluation.gate.max_regression_vs_production": None,
-        "merge.verify_prompts": 1, "publish.model_name": MODEL, "execution.store": str(home / "store"),
-        "execution.local_cache": str(home / "cache"), "execution.isolate_gpu_stages": False,
+        **tiny_overrides(home, data, build_tiny_model_dir(home / "tiny-model")),
+        # room for the long prompts, and sample answers long enough to fill the table
+        "training.max_seq_length": 256, "evaluation.max_generation_samples": 3, "evaluation.max_new_tokens": 40,
+        "merge.verify_prompts": 1, "publish.model_name": MODEL,
     }  # fmt: skip
     port = free_port()
     with prefect_server(home / "prefect", port, home / "server.log") as env, api_of(env):

@@ -16,7 +16,7 @@ picks for this GPU (the same function the training stage calls), with the stage'
 per-layer torch.compile, checkpointing and micro-batch chosen from the memory budget; `budget<N>`
 is "ours" planned for and capped at N GiB (`lowmem` = 7 GiB).
 
-Seed = the original example's recipe as written (see shared/seed-notes.md) where it still trains: the
+Seed = the original example's recipe as written (the "seed recipe" of the README's performance section) where it still trains: the
 baseline plus `prepare_model_for_kbit_training`, which upcasts the embeddings, norms and LM head to
 float32 and turns on its own checkpointing, then `get_peft_model` (with the LoRA config).
 

@@ -59,6 +59,30 @@ def test_same_adapter_requested_twice_at_once_trains_once(prefect_api, tmp_path,
     assert sorted(calls) == ["reused", "trained"] and first == second
 
 
+def test_every_run_of_the_task_goes_through_the_verified_store_lookup(prefect_api, tmp_path, monkeypatch):
+    """No Prefect cache answers for the store: with the adapter stored, a second run still calls train_adapter,
+    whose check would quarantine and rebuild a copy damaged since (tests/test_self_healing.py)."""
+    from qlora_flow.layout import trained_adapter_key
+    from qlora_flow.store import open_store
+
+    cfg, data, base = _refs(tmp_path)
+    store = open_store(cfg.execution)
+    key = trained_adapter_key(train_module.training_fingerprint(cfg, data, base))
+    (store.workdir(key) / "adapter_model.safetensors").write_bytes(b"weights")
+    store.commit(key)
+    calls: list[str] = []
+    ref = AdapterRef(uri=store.uri(key), checkpoint_uri="c", fingerprint="fp", trainable_parameters=1, steps=1,
+                     loss_history=[], tokens_seen=1, train_seconds=1.0, tokens_per_second=1.0)  # fmt: skip
+    monkeypatch.setattr(train_module, "train_adapter", lambda *a, **k: calls.append("lookup") or ref)
+
+    @flow
+    def one_run():
+        return train_module.train_adapter_task(cfg, data, base)
+
+    assert one_run() == ref and one_run() == ref
+    assert calls == ["lookup", "lookup"]
+
+
 def test_different_adapters_do_not_share_a_lock(tmp_path):
     cfg, data, base = _refs(tmp_path)
     other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 32})})

@@ -299,7 +299,7 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     ]
     if hashlib.sha256(manifest_bytes).hexdigest() != document["manifest_sha256"] or missing:
         log.warning("%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
-                    document["manifest_uri"], ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
+                    store.uri(manifest_key), ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
         return None
     return document, manifest
 
@@ -316,17 +316,21 @@ def _record_same_as(
     # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
     # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
     document, manifest = served
+    # URIs in this store: the alias document's absolute ones name where the store was when it was written,
+    # which after a copy or a move is somewhere else
+    manifest_uri = store.uri(document.get("manifest_key") or store.key_of(document["manifest_uri"]))
+    model_uri = store.uri(store.key_of(document["model_uri"]))
     store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
         "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
-        "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
-        "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
+        "alias": cfg.publish.alias, "manifest_uri": manifest_uri,
+        "manifest_sha256": document["manifest_sha256"], "model_uri": model_uri,
         "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
         "flow_run_id": flow_run_id,
     }))  # fmt: skip
     log.info("%s:%s already serves this publication (run %s); nothing copied",
              cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
     return PublishedModel(
-        run_uri=store.uri(run), manifest_uri=document["manifest_uri"], model_uri=document["model_uri"],
+        run_uri=store.uri(run), manifest_uri=manifest_uri, model_uri=model_uri,
         alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)), alias_moved=False,
         files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
     )  # fmt: skip

@@ -304,6 +304,20 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
     return document, manifest
 
 
+def _relocate_alias(store: ArtifactStore, key: str, manifest_uri: str, model_uri: str) -> None:
+    """After a copy or move of the store, point the alias document's URIs (what people and serving tools read)
+    at this store; its keys were right all along. Compare-and-swap: a publisher that moved it meanwhile wins."""
+    document, version = store.read_alias(key)
+    if document is None or (document.get("manifest_uri"), document.get("model_uri")) == (manifest_uri, model_uri):
+        return
+    try:
+        store.swap_alias(key, {**document, "manifest_uri": manifest_uri, "model_uri": model_uri}, version)
+    except AliasConflict:
+        return
+    log.info("%s named the store's earlier place (%s); its URIs now name this store", store.uri(key),
+             document.get("manifest_uri"))  # fmt: skip
+
+
 def _record_same_as(
     cfg: PipelineConfig,
     store: ArtifactStore,
@@ -320,6 +334,7 @@ def _record_same_as(
     # which after a copy or a move is somewhere else
     manifest_uri = store.uri(document.get("manifest_key") or store.key_of(document["manifest_uri"]))
     model_uri = store.uri(store.key_of(document["model_uri"]))
+    _relocate_alias(store, alias_key(cfg.publish.model_name, cfg.publish.alias), manifest_uri, model_uri)
     store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
         "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
         "alias": cfg.publish.alias, "manifest_uri": manifest_uri,

@@ -243,6 +243,12 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
             assert uri.startswith(str(tmp_path / name) + "/"), uri
         same_as = json.loads(Path(result.published.run_uri, "same-as.json").read_text())
         assert str(tmp_path / "gone") not in json.dumps(same_as) and same_as["same_as_run"] == first.run_id
+        # the alias document, what a person or a serving tool reads, names this store now
+        alias = json.loads(Path(result.published.alias_uri).read_text())
+        assert (alias["manifest_uri"], alias["model_uri"]) == (
+            result.published.manifest_uri,
+            result.published.model_uri,
+        )
         assert not (tmp_path / name / "quarantine").exists()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]
 

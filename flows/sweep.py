@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from flows.pipeline import run_namer
+from flows.pipeline import run_namer, validated_data_and_base
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.preflight import preflight
@@ -19,9 +19,7 @@ from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
-from tasks.prepare_base import prepare_base_model_task
 from tasks.train import train_adapter_exclusively
-from tasks.validate import validate_dataset_task
 
 
 class SweepPoint(BaseModel):
@@ -75,9 +73,7 @@ def lora_sweep(
     config = resolve_and_record(config, overrides)
     ranks = [int(rank) for rank in ranks]
     preflight(config, quick=False)
-    data_future = validate_dataset_task.submit(config)
-    base_future = prepare_base_model_task.submit(config)
-    data, base = data_future.result(), base_future.result()
+    data, base = validated_data_and_base(config)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     with gpu_task_runner(config.execution) as runner:
         futures = []

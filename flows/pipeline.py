@@ -111,8 +111,12 @@ def qlora_pipeline(
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)
     with flow_gpu_lease(config.execution, resolve_device(config.execution.device)) as gpus:
         if gpus is not None:
-            logger.info("run %s holds GPUs %s of this host (CUDA_VISIBLE_DEVICES=%s)", run_id, gpus,
-                        os.environ["CUDA_VISIBLE_DEVICES"])  # fmt: skip
+            logger.info(
+                "run %s holds GPUs %s of this host (CUDA_VISIBLE_DEVICES=%s)",
+                run_id,
+                gpus,
+                os.environ["CUDA_VISIBLE_DEVICES"],
+            )
         return _stages(config, run_id, logger)
 
 

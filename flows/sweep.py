@@ -53,10 +53,16 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     adapter = train_adapter_exclusively(cfg, store, data, base, on_line=logger.info)
     report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
     return SweepPoint(
-        rank=cfg.lora.r, run_id=run_id, adapter_uri=adapter.uri, eval_loss=report.tuned_metrics["loss"],
-        base_loss=report.base_metrics["loss"], train_seconds=adapter.train_seconds, cuda_visible_devices=devices,
-        started=started, finished=time.time(),
-    )  # fmt: skip
+        rank=cfg.lora.r,
+        run_id=run_id,
+        adapter_uri=adapter.uri,
+        eval_loss=report.tuned_metrics["loss"],
+        base_loss=report.base_metrics["loss"],
+        train_seconds=adapter.train_seconds,
+        cuda_visible_devices=devices,
+        started=started,
+        finished=time.time(),
+    )
 
 
 # validate_parameters=False: resolve_and_record merges a `config` fragment onto the deployment's config first.
@@ -89,8 +95,18 @@ def lora_sweep(
                 futures.append(runner.submit(train_candidate, params))
         points = sorted((f.result() for f in futures), key=lambda p: p.eval_loss)
     create_table_artifact(
-        [{"rank": p.rank, "eval_loss": round(p.eval_loss, 4), "base_loss": round(p.base_loss, 4),
-          "train_seconds": p.train_seconds, "gpus": p.cuda_visible_devices, "adapter": p.adapter_uri} for p in points],
-        key="lora-sweep", description=f"LoRA rank sweep, best first: rank {points[0].rank}",
-    )  # fmt: skip
+        [
+            {
+                "rank": p.rank,
+                "eval_loss": round(p.eval_loss, 4),
+                "base_loss": round(p.base_loss, 4),
+                "train_seconds": p.train_seconds,
+                "gpus": p.cuda_visible_devices,
+                "adapter": p.adapter_uri,
+            }
+            for p in points
+        ],
+        key="lora-sweep",
+        description=f"LoRA rank sweep, best first: rank {points[0].rank}",
+    )
     return points

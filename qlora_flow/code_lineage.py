@@ -101,6 +101,7 @@ GROUPS: dict[str, CodeGroup] = {
             # the fingerprint leaves out as not changing the weights (memory_budget_gib, gradient_checkpointing)
             "90b1308ce9568bad",  # f3d984d
             "d9c11e7a7d58a132",  # 011f70d (backend switch: torch imported lazily in qlora_flow/hardware.py)
+            "8592cd5f3bb184bd",  # the `# fmt: skip` markers dropped, ruff format (same syntax trees)
         ),
     ),
     # qlora_flow/stage_cache.py evaluation_fingerprint
@@ -111,6 +112,7 @@ GROUPS: dict[str, CodeGroup] = {
             "272bb676fe772bfb",  # 55b137c: input readers moved to qlora_flow/stage_inputs.py
             "6c9a058da3e2b51e",  # 0507253 .. c5b760c (ruff format)
             "ad2124dbd61968ff",  # compat: lookup adopts earlier entries
+            "7e9f09ab766af4b3",  # the `# fmt: skip` markers dropped, ruff format (same syntax trees)
         ),
     ),
     # qlora_flow/stage_cache.py merge_fingerprint
@@ -121,6 +123,7 @@ GROUPS: dict[str, CodeGroup] = {
             "0a2627e3c0426129",  # 55b137c: readers and the training-mask check moved to qlora_flow/
             "0900a93ee16fac99",  # 0507253 .. c5b760c (ruff format)
             "6a01b340268d028d",  # compat: lookup adopts earlier entries
+            "94636672120b3014",  # the `# fmt: skip` markers dropped, ruff format (same syntax trees)
         ),
     ),
     # tasks/export_gguf.py gguf_fingerprints
@@ -131,6 +134,7 @@ GROUPS: dict[str, CodeGroup] = {
             "f516c9aaadd81d56",  # 55b137c: its key from qlora_flow/layout.py
             "bf7290085236d039",  # 0507253 .. c5b760c (ruff format)
             "c16c972bd16a201c",  # compat: lookup adopts earlier entries
+            "c0faa98069a3403d",  # the `# fmt: skip` markers dropped, ruff format (same syntax trees)
         ),
     ),
 }
@@ -159,8 +163,11 @@ def log_adoption(kind: str, earlier: str, current: str, record_uri: str) -> None
     log.info(
         "%s cache: fingerprint %s has no entry; adopting the one stored under fingerprint %s by an earlier "
         "version of the code (qlora_flow/code_lineage.py), recorded in %s",
-        kind, current[:24], earlier[:24], record_uri,
-    )  # fmt: skip
+        kind,
+        current[:24],
+        earlier[:24],
+        record_uri,
+    )
 
 
 def _recorded(store: ArtifactStore, record: str) -> str | None:

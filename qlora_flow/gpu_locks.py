@@ -63,8 +63,11 @@ def _uuids_by_index() -> dict[str, str]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     pairs = (line.split(",", 1) for line in out.splitlines() if "," in line)
@@ -245,8 +248,13 @@ def hold_gpus(
             watch.released.wait()
             continue
         break
-    record = {**(holder or {}), "pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpus": ids}  # fmt: skip
+    record = {
+        **(holder or {}),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "gpus": ids,
+    }
     locked = [paths[i] for i in ids]
     try:
         for path in locked:

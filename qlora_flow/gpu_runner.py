@@ -230,9 +230,18 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         env = {**get_current_settings().to_environment_variables(exclude_unset=True), **os.environ, **self._api_env}
         # in the submitter's context: its settings (a temporary API URL) reach the lease's Prefect client
         future = self._waiters.submit(
-            copy_context().run, self._run, task, task_run_id, parameters, list(wait_for or []), dependencies,
-            serialize_context(), env, holder, get_run_logger(flow_run) if flow_run else self.logger,
-        )  # fmt: skip
+            copy_context().run,
+            self._run,
+            task,
+            task_run_id,
+            parameters,
+            list(wait_for or []),
+            dependencies,
+            serialize_context(),
+            env,
+            holder,
+            get_run_logger(flow_run) if flow_run else self.logger,
+        )
         return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
 
     def _run(
@@ -251,10 +260,17 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         then the GPUs, then the task in a fresh process; the lease lasts exactly as long as the task."""
         wait(wait_for)
         parameters = resolve_inputs_sync(parameters, return_data=True, max_depth=-1)
-        call = cloudpickle.dumps(dict(
-            task=task, task_run_id=task_run_id, parameters=parameters, wait_for=[f.state for f in wait_for] or None,
-            return_type="state", dependencies=dependencies, context=context,
-        ))  # fmt: skip
+        call = cloudpickle.dumps(
+            dict(
+                task=task,
+                task_run_id=task_run_id,
+                parameters=parameters,
+                wait_for=[f.state for f in wait_for] or None,
+                return_type="state",
+                dependencies=dependencies,
+                context=context,
+            )
+        )
         need = gpus_needed(task.tags, parameters)
         if need == 0:
             return self._in_process({**env, "CUDA_VISIBLE_DEVICES": ""}, call)

@@ -173,9 +173,14 @@ def _model_metrics(
         return metrics, []
     generating = StageProgress("evaluate", f"{label} model: generation", len(samples))
     ids = greedy_generate(
-        model, tokenizer, [c[:-1] for c in samples], cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, stop_ids,
+        model,
+        tokenizer,
+        [c[:-1] for c in samples],
+        cfg.evaluation.max_new_tokens,
+        cfg.evaluation.batch_size,
+        stop_ids,
         generating,
-    )  # fmt: skip
+    )
     answers = [decode_answer(tokenizer, i) for i in ids]
     metrics.update(generation_metrics(answers, [c[-1]["content"] for c in samples]))
     metrics["generation_samples"] = float(len(samples))
@@ -337,8 +342,11 @@ def evaluate_adapter(
         write_entry(store, "eval", fingerprint, measured)
     else:
         fingerprint, measured = found  # an earlier code's entry keeps its fingerprint: publication matches it
-        log.info("adapter %s already evaluated with these settings (%s); reusing its numbers", adapter.fingerprint[:16],
-                 store.uri(entry_key("eval", fingerprint)))  # fmt: skip
+        log.info(
+            "adapter %s already evaluated with these settings (%s); reusing its numbers",
+            adapter.fingerprint[:16],
+            store.uri(entry_key("eval", fingerprint)),
+        )
     base_metrics, tuned_metrics = measured.base_metrics, measured.tuned_metrics
     base_answers, tuned_answers = measured.base_answers, measured.tuned_answers
 

@@ -122,8 +122,11 @@ def export_gguf_files(
             == tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in rendered
         )
-        result |= {"tokenizer_same_ids": same_ids, "same_chat_template": file_tokenizer.chat_template == tokenizer.chat_template,
-                   "bytes": (out / name).stat().st_size}  # fmt: skip
+        result |= {
+            "tokenizer_same_ids": same_ids,
+            "same_chat_template": file_tokenizer.chat_template == tokenizer.chat_template,
+            "bytes": (out / name).stat().st_size,
+        }
         verification[qtype], files[qtype] = result, name
         log.info("GGUF %s: %s", name, json.dumps(result, sort_keys=True))
         if qtype == "f16" and result["greedy_identical"] != result["prompts"]:

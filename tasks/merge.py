@@ -296,9 +296,11 @@ def verify_saved(
     eos_masked = end_of_turn_in_training_mask(tokenizer, conversations[0])
 
     verification: dict[str, float | bool | int | str] = {
-        "verified": True, "prompts": len(prompts), "logits_atol": atol,
+        "verified": True,
+        "prompts": len(prompts),
+        "logits_atol": atol,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
-    }  # fmt: skip
+    }
     failures = []
     result = compare(reference, reloaded_probes, atol)
     verification.update({f"reloaded_{k}": v for k, v in result.items()})
@@ -438,11 +440,18 @@ def merge_or_reuse(
         except ValueError:  # names nothing in this store (entries read back map keys and moved-store URIs here)
             present = False
         if present:
-            log.info("adapter %s was already merged and verified by run %s; reusing %s",
-                     adapter.fingerprint[:16], cached.run_id, cached.merged.uri)  # fmt: skip
+            log.info(
+                "adapter %s was already merged and verified by run %s; reusing %s",
+                adapter.fingerprint[:16],
+                cached.run_id,
+                cached.merged.uri,
+            )
             return cached.merged
-        log.warning("%s names merged model %s, which is gone or incomplete; merging again",
-                    store.uri(entry_key("merged", fingerprint)), cached.merged.uri)  # fmt: skip
+        log.warning(
+            "%s names merged model %s, which is gone or incomplete; merging again",
+            store.uri(entry_key("merged", fingerprint)),
+            cached.merged.uri,
+        )
     merged = merge_adapter(cfg, store, run_id, base, adapter, report, data)
     write_entry(store, "merged", fingerprints[0], MergeEntry(merged=merged, run_id=run_id))
     return merged

@@ -111,8 +111,11 @@ def resume_point(store: ArtifactStore, fingerprints: list[str]) -> tuple[int, Pa
         found = newest_verified_checkpoint(store, adapter_checkpoints_key(fingerprint))
         if found is not None:
             if fingerprint != fingerprints[0]:
-                log.info("resuming from a checkpoint of fingerprint %s, trained by earlier code declared equivalent "
-                         "(qlora_flow/code_lineage.py)", fingerprint[:24])  # fmt: skip
+                log.info(
+                    "resuming from a checkpoint of fingerprint %s, trained by earlier code declared equivalent "
+                    "(qlora_flow/code_lineage.py)",
+                    fingerprint[:24],
+                )
             return found
     return None
 
@@ -149,9 +152,12 @@ def run_training(
     )
     _remove_incomplete_checkpoints(inputs.checkpoint_dir)
     stats = training_backend(cfg.training.backend).train_lora(
-        cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
+        cfg,
+        plan,
+        inputs,
+        on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
         on_log=on_progress or _print_progress,
-    )  # fmt: skip
+    )
     ref = AdapterRef(
         uri=store.uri(adapter_out_key),
         checkpoint_uri=store.uri(checkpoints_key),
@@ -189,9 +195,16 @@ class _TrainSpec(BaseModel):
 def _child_command(cfg: PipelineConfig, base: PreparedBase, spec_path: Path, result_path: Path) -> list[str]:
     if base.device == "cuda" and cfg.execution.gpus > 1:
         return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={cfg.execution.gpus}", "-m", "tasks.train", str(spec_path), str(result_path),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg.execution.gpus}",
+            "-m",
+            "tasks.train",
+            str(spec_path),
+            str(result_path),
+        ]
     return [sys.executable, "-m", "tasks.train", str(spec_path), str(result_path)]
 
 

@@ -210,8 +210,18 @@ def test_two_pair_leases_and_a_single_lease_on_four_gpus_neither_deadlock_nor_ov
                 for index in ids:
                     intervals[index].append((start, end, name))
 
-    threads = [threading.Thread(target=requester, args=(name, need, 10)) for name, need in
-               [("pair-a", 2, ), ("pair-b", 2), ("single", 1), ("pair-c", 2)]]  # fmt: skip
+    threads = [
+        threading.Thread(target=requester, args=(name, need, 10))
+        for name, need in [
+            (
+                "pair-a",
+                2,
+            ),
+            ("pair-b", 2),
+            ("single", 1),
+            ("pair-c", 2),
+        ]
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -250,7 +250,15 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
             result.published.model_uri,
         )
         assert not (tmp_path / name / "quarantine").exists()
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]
+        # not Prefect's event client: under load it may log an ERROR quoting an artifact's description
+        # ("0 quarantined") while it retries
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+            and not r.name.startswith("prefect._internal")
+            and "quarantine" in r.getMessage()
+        ]
 
 
 def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(

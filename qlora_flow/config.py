@@ -6,11 +6,15 @@ falling back to a default. `load_config` turns pydantic's errors into one readab
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from qlora_flow.errors import PermanentError
 from qlora_flow.hardware import float16_on_cpu_problem
@@ -30,8 +34,56 @@ class ConfigError(PermanentError, ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
 
 
+_NUMBERS = (int, float, int | None, float | None)
+# the columns the data shapes are read from (data.column_mapping renames onto these)
+CANONICAL_COLUMNS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output")
+
+
+def _not_blank(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise PydanticCustomError("blank", "must not be empty")
+    return value
+
+
+def _unset_or(check):
+    """check, except for '' which keeps meaning "not set" for an optional setting (as None does)."""
+    return lambda value: value if value == "" else check(value)
+
+
+# a scheme other than s3:// (https://, gs://, hf://), or a mistyped s3 one (s3:/b, S3://b); one letter is a drive
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def _location(value: object) -> object:
+    """A local path or an s3:// URI; the file itself is checked by check_local_inputs and preflight."""
+    _not_blank(value)
+    scheme = _SCHEME.match(value) if isinstance(value, str) else None
+    if scheme and not value.startswith("s3://"):
+        if scheme.group(1).lower() == "s3":
+            raise PydanticCustomError("s3_uri", "not an S3 URI; write s3://bucket/key (lower-case s3, two slashes)")
+        raise PydanticCustomError(
+            "scheme", "{scheme}:// URIs are not read; download it and give the local path", {"scheme": scheme.group(1)}
+        )
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML's .inf / .nan are never a sensible learning rate, rank or timeout
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object, info: ValidationInfo) -> object:
+        """YAML 1.1 reads unquoted on/off/yes/no as booleans: `packing: off` means the choice 'off', and
+        `r: true` is no number (pydantic would take it as 1)."""
+        if not isinstance(value, bool):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if get_origin(annotation) is Literal and {"on", "off"} <= set(get_args(annotation)):
+            return "on" if value else "off"
+        if annotation in _NUMBERS:
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        return value
 
 
 class DataConfig(_Section):
@@ -45,11 +97,38 @@ class DataConfig(_Section):
         description="Data shape: chat `messages` (OpenAI, with tool_calls/tool turns), ShareGPT `conversations` "
         "({from, value}), prompt/completion or instruction/input/output; auto detects it from the columns.",
     )
+    _train_path = field_validator("train_path")(_location)
+    _eval_path = field_validator("eval_path")(_unset_or(_location))
+
     column_mapping: dict[str, str] = Field(
         default_factory=dict,
         description="Rename source columns to the canonical names, e.g. {'question': 'prompt', 'answer': 'completion'}.",
     )
+
+    @field_validator("column_mapping")
+    @classmethod
+    def _canonical_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        # a column renamed to a name no shape reads would be ignored; two renamed to one, one silently lost
+        for source, target in value.items():
+            if target not in CANONICAL_COLUMNS:
+                close = difflib.get_close_matches(target, CANONICAL_COLUMNS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise PydanticCustomError(
+                    "column",
+                    "{rename}: {hint}the columns read are {known}",
+                    {"rename": f"{source!r} -> {target!r}", "hint": hint, "known": ", ".join(CANONICAL_COLUMNS)},
+                )
+        targets = list(value.values())
+        twice = next((t for t in targets if targets.count(t) > 1), None)
+        if twice:
+            sources = " and ".join(repr(s) for s, t in value.items() if t == twice)
+            raise PydanticCustomError("column", "{sources} are both renamed to {target}; keep one",
+                                      {"sources": sources, "target": repr(twice)})  # fmt: skip
+        return value
+
     system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")
+    # a blank one would be inserted into every row lacking a system turn, and reject them all as empty_content
+    _system_prompt = field_validator("system_prompt")(_unset_or(_not_blank))
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 42
     overlength_policy: Literal["fail", "drop", "truncate"] = "fail"
@@ -71,6 +150,8 @@ class BaseModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
 
+    _id = field_validator("id")(_location)
+
 
 class QuantizationConfig(_Section):
     load_in_4bit: bool = True
@@ -85,7 +166,7 @@ class LoraSettings(_Section):
     r: int = Field(16, gt=0, description="LoRA rank; must be a positive integer.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; must be positive.")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = Field(
         False,
@@ -93,6 +174,14 @@ class LoraSettings(_Section):
         "trains on the NF4 base, merges like LoRA, slower steps.",
     )
     use_rslora: bool = Field(False, description="rsLoRA (peft): scale the update by alpha/sqrt(r) instead of alpha/r.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise PydanticCustomError("blank", "module names must not be empty")
+        return value
+
     init: Literal["default", "gaussian"] = Field(
         "default",
         description="LoRA A initialisation (peft init_lora_weights): default (Kaiming-uniform) or gaussian. PiSSA "
@@ -110,6 +199,15 @@ class TrainingConfig(_Section):
     )
     max_seq_length: int = Field(512, ge=16)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        # the trainer reads every value <= 0 as "train num_epochs", so 0 or -5 would silently train whole epochs
+        if value == 0 or value < -1:
+            raise PydanticCustomError("max_steps", "must be -1 (train num_epochs) or a positive number of steps")
+        return value
+
     num_epochs: float = Field(1.0, gt=0)
     per_device_batch_size: int = Field(
         8,
@@ -193,6 +291,20 @@ class MergeConfig(_Section):
     )
     min_top1_agreement: float = Field(0.99, ge=0, le=1)
     max_shard_size: str = "2GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size_with_unit(cls, value: str) -> str:
+        # what huggingface_hub's parse_size_to_int (save_pretrained) accepts: a number, then TB, GB, MB or KB
+        number, unit = value.strip()[:-2], value.strip()[-2:].upper()
+        try:
+            ok = unit in ("TB", "GB", "MB", "KB") and float(number) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise PydanticCustomError("size", "expected a size such as 2GB or 500MB (units TB, GB, MB, KB)")
+        return value
+
     verify_dtype: Literal["auto", "float32", "saved"] = Field(
         "auto",
         description="Precision the verification computes in: float32, or the dtype the model is saved in "
@@ -243,6 +355,8 @@ class PublishConfig(_Section):
 class ExecutionConfig(_Section):
     store: str = Field("artifacts", description="Artifact store root: a local directory or s3://bucket/prefix.")
     local_cache: str = Field(".qlora-flow/cache", description="Local working copies of remote artifacts.")
+    _store = field_validator("store")(_location)
+    _local_cache = field_validator("local_cache")(_not_blank)
     s3: S3Settings = Field(default_factory=S3Settings)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpus: int = Field(1, ge=0, description="GPUs one training task uses (DDP when more than one).")
@@ -299,18 +413,44 @@ class PipelineConfig(_Section):
 
 
 def check_local_inputs(cfg: PipelineConfig) -> None:
-    """Fail early, with the path, when a local data file named by the config is missing.
+    """Fail early, with the path, when a local data file named by the config cannot be read.
 
     Kept out of the model itself so that building a config (e.g. the flow's default parameter)
     never depends on the current directory.
     """
+    paths = {}
     for field_name in ("train_path", "eval_path"):
         value = getattr(cfg.data, field_name)
-        if value and "://" not in value and not Path(value).exists():
-            raise ConfigError(
-                f"data.{field_name}: file {value!r} does not exist (relative paths resolve from "
-                f"{Path.cwd()}); fix the path or point it at an s3:// URI"
-            )
+        if value and not value.startswith("s3://"):
+            paths[field_name] = _readable(f"data.{field_name}", value)
+    train, held_out = cfg.data.train_path, cfg.data.eval_path
+    same = len(paths) == 2 and os.path.samefile(paths["train_path"], paths["eval_path"])
+    if same or (held_out and held_out.startswith("s3://") and held_out.rstrip("/") == train.rstrip("/")):
+        raise ConfigError(
+            f"data.eval_path: {held_out!r} is the data.train_path file itself, so every eval row would leak into "
+            "training; point it at held-out rows, or leave it empty for a seeded split (data.eval_fraction)"
+        )
+
+
+def _readable(field: str, value: str) -> Path:
+    """The local file or directory value names, or a ConfigError saying why it cannot be read."""
+    path = Path(value).expanduser()
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the file system, ...
+        raise ConfigError(f"{field}: {value[:80]!r} cannot be used as a path ({exc.strerror})") from None
+    if not exists:
+        where = f"(relative paths resolve from {Path.cwd()})"
+        if path.is_symlink():
+            where = f"(a symbolic link to {os.readlink(path)!r} that leads nowhere, or to itself)"
+        elif "$" in value:
+            where += "; environment variables are not expanded"
+        raise ConfigError(f"{field}: file {value!r} does not exist {where}; fix the path or point it at an s3:// URI")
+    if not (path.is_file() or path.is_dir()):  # reading a FIFO or a device would block or never end
+        raise ConfigError(f"{field}: {value!r} is not a regular file or a directory")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{field}: {value!r} cannot be read (permission denied)")
+    return path
 
 
 def store_name_problem(where: str, value: str) -> str:
@@ -320,13 +460,34 @@ def store_name_problem(where: str, value: str) -> str:
     )
 
 
+# names other tools use for a setting (peft, transformers), pointed at ours
+_KNOWN_AS = {"rank": "r", "lora_r": "r", "lr": "learning_rate", "epochs": "num_epochs", "steps": "max_steps"}
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """` (did you mean lora.r?)` for an unknown key close to a known one, else ''."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.6)
+    match = _KNOWN_AS.get(key) if key in _KNOWN_AS and _KNOWN_AS[key] in model.model_fields else None
+    match = match or (close[0] if close else None)
+    return f" (did you mean {'.'.join(map(str, (*loc[:-1], match)))}?)" if match else ""
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     """All problems on one line: `invalid configuration in FILE: a.b: what (got X); c: ...`."""
     problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown key; check the spelling against configs/default.yaml")
+            problems.append(
+                f"{where}: unknown key{_did_you_mean(err['loc'])}; check the spelling against configs/default.yaml"
+            )
         elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == STORE_NAME_PATTERN:
             problems.append(store_name_problem(where, err["input"]))
         elif err["type"] == "value_error":
@@ -352,6 +513,24 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return text
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"the key {key!r} appears twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
     """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
     raw: dict = {}
@@ -359,10 +538,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if path is not None:
         source = str(path)
         p = Path(path)
-        if not p.is_file():
+        try:
+            is_dir, is_file = p.is_dir(), p.is_file()
+        except OSError as exc:  # a name too long for the file system, ...
+            raise ConfigError(f"config file {source[:80]!r} cannot be used as a path ({exc.strerror})") from None
+        if is_dir:
+            raise ConfigError(f"config file {source!r} is a directory; name the YAML file in it")
+        if not is_file:
             raise ConfigError(f"config file {source!r} not found")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {source!r} is not valid YAML: {_yaml_problem(exc)}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -388,6 +573,8 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
+        if not all((*parents, leaf)):
+            raise ConfigError(f"{dotted!r}: an empty key; name the setting, e.g. training.max_steps")
         for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -48,6 +48,8 @@ CHECKS: dict[str, str] = {
     "(OpenAI tool_calls[].function, or a ShareGPT function_call value)",
     "tool_position": "a tool result must follow an assistant turn with tool calls (or another tool result)",
     "tool_call_id": "tool_call_id names no call of the preceding assistant turn",
+    "special_tokens": "text holds a special token of the chat template (such as <|im_end|>): it would fake a turn "
+    "boundary in the rendered chat",
     "overlength": "rendered chat is longer than training.max_seq_length tokens",
     "duplicate": "exact duplicate of an earlier row",
     "near_duplicate": "duplicate of an earlier row after whitespace/case normalisation",

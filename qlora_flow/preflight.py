@@ -6,11 +6,19 @@ hub id offline), and S3 locations whose endpoint, credentials or bucket do not w
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
 
-from qlora_flow.config import BaseModelConfig, ConfigError, PipelineConfig, S3Settings, check_local_inputs
+from qlora_flow.config import (
+    BaseModelConfig,
+    ConfigError,
+    LoraSettings,
+    PipelineConfig,
+    S3Settings,
+    check_local_inputs,
+)
 from qlora_flow.errors import CREDENTIAL_S3_CODES, s3_error_code
 from qlora_flow.sources import resolve_source
 
@@ -33,7 +41,8 @@ def preflight(cfg: PipelineConfig, quick: bool = True) -> None:
     """
     check_local_inputs(cfg)
     _check_local_store(cfg.execution.store)
-    check_base_model(cfg.base_model)
+    _check_local_cache(cfg.execution.local_cache)
+    check_base_model(cfg.base_model, cfg.lora)
     check_s3_locations(cfg, quick)
 
 
@@ -55,24 +64,84 @@ def _check_local_store(store: str) -> None:
         raise ConfigError(f"execution.store: cannot write into {store!r} (permission denied); choose another directory")
 
 
+def _check_local_cache(local_cache: str) -> None:
+    path = Path(local_cache).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"execution.local_cache: {local_cache!r} is a file, not a directory; point it at a directory")
+
+
 # ---------------------------------------------------------------- base model
 
 
-def check_base_model(base: BaseModelConfig) -> None:
+def check_base_model(base: BaseModelConfig, lora: LoraSettings | None = None) -> None:
     try:
         source = resolve_source(base)
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc}; {WHERE_TO_POINT}") from None
     if source.kind == "hub":
         check_hub_repo("base_model.id", base.id, base.revision, "config.json", WHERE_TO_POINT)
+    if source.kind == "dir" and lora is not None:
+        check_lora_targets(lora, Path(source.location), base.id)
     if base.tokenizer_id:
         path = Path(base.tokenizer_id).expanduser()
         if path.is_dir():
             return
         hint = "point base_model.tokenizer_id at a local tokenizer directory or a hub id"
+        if path.is_file():
+            raise ConfigError(f"base_model.tokenizer_id: {base.tokenizer_id} is a file, not a directory; {hint}")
         if path.is_absolute() or base.tokenizer_id.startswith("."):
             raise ConfigError(f"base_model.tokenizer_id: {base.tokenizer_id} does not exist; {hint}")
         check_hub_repo("base_model.tokenizer_id", base.tokenizer_id, base.revision, "tokenizer_config.json", hint)
+
+
+def matrix_modules(model_dir: Path) -> dict[str, list[int]] | None:
+    """Shapes of the 2-D weights (linear and embedding layers: what LoRA adapts) by module name, read from
+    the JSON headers of a model directory's safetensors shards (no torch, no weights); None when it has
+    no readable safetensors files."""
+    modules: dict[str, list[int]] = {}
+    shards = sorted(model_dir.glob("*.safetensors"))
+    for shard in shards:
+        try:
+            with open(shard, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):  # unreadable or not safetensors: loading the model reports it
+            return None
+        modules |= {
+            name.removesuffix(".weight"): info["shape"]
+            for name, info in header.items()
+            if name.endswith(".weight") and len(info.get("shape", ())) == 2
+        }
+    return modules if shards else None
+
+
+def check_lora_targets(lora: LoraSettings, model_dir: Path, model_id: str) -> None:
+    """Every lora.target_modules name must name a layer of the model, as peft matches a list (the module's
+    full name or its last dotted parts), and lora.r must fit at least one of them; otherwise peft stops
+    the training child with a traceback, or the adapter takes more memory than the layers it adapts."""
+    modules = matrix_modules(model_dir)
+    if modules is None:
+        return
+    config = model_dir / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings"):
+        # tied: stored once, as the input embedding, yet a module of its own that LoRA can adapt
+        embedding = [shape for m, shape in modules.items() if m.rsplit(".", 1)[-1] in ("embed_tokens", "wte")]
+        if embedding:
+            modules.setdefault("lm_head", embedding[0])
+    targets = lora.target_modules
+    hit = {t: [m for m in modules if m == t or m.endswith("." + t)] for t in targets}
+    missing = [t for t in targets if not hit[t]]
+    if missing:
+        known = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} names no linear layer of the base model "
+            f"{model_id}; its layers are called {', '.join(known[:30])}"
+        )
+    widest = max(min(modules[m]) for found in hit.values() for m in found)
+    if lora.r > widest:
+        raise ConfigError(
+            f"lora.r: {lora.r} is more than the rank of every adapted layer of {model_id} (at most {widest}); "
+            "a larger rank adds memory, not capacity"
+        )
 
 
 def check_hub_repo(field: str, repo_id: str, revision: str | None, probe_file: str, hint: str) -> None:

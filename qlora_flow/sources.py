@@ -46,6 +46,8 @@ def resolve_source(base: BaseModelConfig) -> ModelSource:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"base_model.id: {path} is a directory without config.json; not a model directory")
         return ModelSource("dir", str(path.resolve()))
+    if path.is_file():
+        raise FileNotFoundError(f"base_model.id: {path} is a file, but neither a model directory nor a .gguf file")
     if path.is_absolute() or model_id.startswith("."):
         raise FileNotFoundError(f"base_model.id: {model_id} does not exist")
     return ModelSource("hub", model_id)

@@ -30,6 +30,7 @@ from qlora_flow.models import (
     resolve_source,
     source_fingerprint,
 )
+from qlora_flow.preflight import check_lora_targets
 from qlora_flow.refs import PreparedBase
 from qlora_flow.store import ArtifactStore, open_store
 
@@ -93,6 +94,8 @@ def prepare_base_model(cfg: PipelineConfig, store: ArtifactStore) -> PreparedBas
         log.info("importing base model %s into 16-bit safetensors", cfg.base_model.id)
         _import_full_precision(cfg, store, source, full_key)
         full_dir = store.fetch(full_key)
+    # before quantizing and training: peft would only stop the training child, with a traceback
+    check_lora_targets(cfg.lora, full_dir, cfg.base_model.id)
 
     from transformers import AutoConfig
 

@@ -234,9 +234,10 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
     frame = pd.DataFrame(cells, index=list(records), columns=list(schema.columns), dtype=object)
     for case in failures(schema, frame):
         column = case.column
-        chunk.reject(
-            case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} (got {_got(case.value)})"
-        )
+        got = f"got {_got(case.value)}"
+        if column not in records[case.index]:  # absent, not null: say what the row has instead (mixed shapes)
+            got = f"the row has no `{source_name.get(column, column)}`; its fields: {', '.join(map(str, rows[case.index].value))}"
+        chunk.reject(case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} ({got})")
     for i, record in records.items():
         if not chunk.reasons[i]:
             messages = _to_messages(shape, record)
@@ -325,6 +326,40 @@ def fold_tool_turns(turns: Messages) -> Messages:
     return messages
 
 
+# the blocks tool traffic is stored as (see the module docstring): our own text, not the user's tokens
+_TOOL_MARKUP = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}
+# the text fields each non-chat shape becomes, by role of the turn
+_TEXT_FIELDS = {
+    "prompt_completion": {"user": "prompt", "assistant": "completion"},
+    "instruction": {"user": "instruction/input", "assistant": "output"},
+}
+
+
+def template_tokens(tokenizer) -> list[str]:
+    """Special tokens that the chat template writes or that end a sequence: inside a row's text they would be
+    read as turn boundaries (a fake assistant turn, a loss mask in the wrong place)."""
+    template = tokenizer.chat_template or ""
+    ends = {tokenizer.eos_token, tokenizer.bos_token} - {None}
+    return sorted({t for t in tokenizer.all_special_tokens if t in template or t in ends} - _TOOL_MARKUP)
+
+
+def _check_special_tokens(chunk: _Chunk, shape: str, data: DataConfig, tokens: list[str]) -> None:
+    prefix, names = _FIELD_NAMES.get(shape, ("messages", {}))
+    for i, messages in enumerate(chunk.messages):
+        for t, turn in enumerate(messages or ()):
+            found = next((tok for tok in tokens if tok in turn["content"]), None)
+            if found is None:
+                continue
+            if turn["role"] == "system" and turn["content"] == data.system_prompt:
+                where = "data.system_prompt"
+            else:
+                where = _TEXT_FIELDS.get(shape, {}).get(
+                    turn["role"], f"{prefix}[{t}].{names.get('content', 'content')}"
+                )
+            chunk.reject(i, "special_tokens", where, f"{CHECKS['special_tokens']} (found {found!r})")
+            break
+
+
 # ---------------------------------------------------------------- token lengths
 
 
@@ -349,27 +384,46 @@ def _tokens_never_shorter_than_a_byte(tokenizer) -> bool:
     )
 
 
+def _longest_token_bytes(tokenizer) -> int:
+    """Most bytes one token of a byte-level BPE vocabulary covers (a vocabulary entry is one character
+    per byte; an added token such as <|im_start|> is matched as its text)."""
+    added = [len(t.encode("utf-8")) for t in tokenizer.get_added_vocab()]
+    return max([len(t) for t in tokenizer.get_vocab()] + added)
+
+
 @dataclass(frozen=True)
 class _Lengths:
     tokenizer: object
     limit: int
     byte_bound: bool
+    longest_token: int | None = None  # set (with byte_bound): a row this many bytes per limit token is over
 
     def count(self, conversations: list[Messages]) -> list[int]:
         """Tokens per rendered chat: exact where it may exceed the limit, else possibly an upper bound."""
+        return [n for n, _ in self.measure(conversations, bound_over=False)]
+
+    def measure(self, conversations: list[Messages], bound_over: bool = True) -> list[tuple[int, bool]]:
+        """(tokens, exact) per rendered chat. bound_over: a chat with more than limit x longest_token bytes
+        cannot fit, so it gets the lower bound bytes / longest_token instead of tokenising megabytes."""
         if not conversations:
             return []
         texts = self.tokenizer.apply_chat_template(conversations, tokenize=False)
         counts = [len(t.encode("utf-8")) for t in texts] if self.byte_bound else [self.limit + 1] * len(texts)
-        unsure = [i for i, n in enumerate(counts) if n > self.limit]
+        result = [(n, True) for n in counts]
+        unsure = []
+        for i, n in enumerate(counts):
+            if bound_over and self.byte_bound and self.longest_token and n > self.limit * self.longest_token:
+                result[i] = (-(-n // self.longest_token), False)
+            elif n > self.limit:
+                unsure.append(i)
         if unsure:
             # apply_chat_template(tokenize=True) also encodes without extra special tokens: same count
             ids = self.tokenizer([texts[i] for i in unsure], add_special_tokens=False, return_attention_mask=False)[
                 "input_ids"
             ]
             for i, row_ids in zip(unsure, ids):
-                counts[i] = len(row_ids)
-        return counts
+                result[i] = (len(row_ids), True)
+        return result
 
     def truncate(self, messages: Messages, n_tokens: int) -> Messages | None:
         """Cut the final assistant reply until the rendered chat fits; None if even an empty reply won't."""
@@ -389,7 +443,10 @@ def _check_lengths(chunk: _Chunk, lengths: _Lengths, policy: str) -> tuple[int, 
     """Apply the overlength policy; returns (rows truncated, rows dropped by policy)."""
     limit = lengths.limit
     alive = [i for i, m in enumerate(chunk.messages) if m is not None]
-    frame = pd.DataFrame({"n_tokens": lengths.count([chunk.messages[i] for i in alive])}, index=alive, dtype="int64")
+    # truncation cuts by the exact count; the other policies only need to know a row is over
+    measured = lengths.measure([chunk.messages[i] for i in alive], bound_over=policy != "truncate")
+    exact = {i: is_exact for i, (_, is_exact) in zip(alive, measured)}
+    frame = pd.DataFrame({"n_tokens": [n for n, _ in measured]}, index=alive, dtype="int64")
     truncated = dropped = 0
     for case in failures(contracts.length_schema(limit), frame):
         i, n = case.index, int(case.value)
@@ -401,7 +458,9 @@ def _check_lengths(chunk: _Chunk, lengths: _Lengths, policy: str) -> tuple[int, 
                 continue
             message = f"{n} tokens > max_seq_length {limit}, and cutting the assistant reply cannot make it fit"
         else:
-            message = f"{n} tokens > max_seq_length {limit} (overlength_policy={policy})"
+            message = (
+                f"{'' if exact[i] else 'at least '}{n} tokens > max_seq_length {limit} (overlength_policy={policy})"
+            )
             dropped += policy == "drop"
         chunk.reject(i, "overlength", "messages", message)
     return truncated, dropped
@@ -487,7 +546,10 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
     eval_prompts: set[bytes] = set()
     per_source = []
     digests: list[bytes] = []  # one per input row, for the order-independent content hash
-    lengths = _Lengths(tokenizer, cfg.training.max_seq_length, _tokens_never_shorter_than_a_byte(tokenizer))
+    byte_bound = _tokens_never_shorter_than_a_byte(tokenizer)
+    longest = _longest_token_bytes(tokenizer) if byte_bound else None
+    lengths = _Lengths(tokenizer, cfg.training.max_seq_length, byte_bound, longest)
+    special = template_tokens(tokenizer)
     with ExitStack() as stack:
         writers = {
             s: stack.enter_context(pq.ParquetWriter(workdir / f"{s}.parquet", _SCHEMA)) for s in ("train", "eval")
@@ -502,6 +564,7 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
                 n_rows += len(rows)
                 chunk = _normalise(cfg.data, shape, rows, text_cells=source.fmt == "csv")
                 _check_turns(chunk, shape)
+                _check_special_tokens(chunk, shape, cfg.data, special)
                 # after folding, so the same conversations in any chat shape hash the same
                 digests += [
                     _digest(source.split + "\x1d" + _canonical(m if m is not None else r.value))
@@ -571,15 +634,31 @@ def _validate_into(workdir: Path, cfg: PipelineConfig, sources: list[_Source], t
         "n_truncated": totals["truncated"],
         "checks": dict(sorted(counts.items())),
         "examples": examples,
-        "row_numbers": "1-based line number for JSONL, record number for other formats",
+        "row_numbers": "1-based: the line a row starts on for JSONL and CSV, the record number for other formats",
     }
 
 
 # ---------------------------------------------------------------- decision
 
 
+def _example(e: dict) -> str:
+    return f"{e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}"
+
+
+def _split_source(report: dict, split: str, data: DataConfig) -> str:
+    """Where a split's rows come from: its own file, or the seeded share of the train file."""
+    files = {s["split"]: s["file"] for s in report["sources"]}
+    if split in files:
+        return f"{files[split]}: {split} split"
+    return f"{files['train']}: eval split (data.eval_fraction {data.eval_fraction:g} of its rows)"
+
+
 def _enforce(report: dict, data: DataConfig) -> None:
-    """Raise DataValidationError when the report breaks the thresholds of the current config."""
+    """Raise DataValidationError when the report breaks the thresholds of the current config.
+
+    The first line names the first offending row (file:row field [check]) or the split that came out
+    too small, so the one `error:` line of the CLI says where to look; details follow, indented.
+    """
     n_input = report["n_input_rows"]
     # rows dropped by overlength_policy=drop are removed on purpose, not counted as bad data
     counted = report["n_rejected"] - report["n_dropped_by_policy"]
@@ -595,20 +674,22 @@ def _enforce(report: dict, data: DataConfig) -> None:
         if report[f"n_{split}"] < minimum:
             verdicts["min_rows"] = 1
             problems.append(
-                f"{split} split has {report[f'n_{split}']} rows, data.min_{split}_rows is {minimum} [min_rows]"
+                f"{_split_source(report, split, data)} has {report[f'n_{split}']} rows, "
+                f"data.min_{split}_rows is {minimum} [min_rows]"
             )
     if not problems:
         return
-    lines = ["dataset validation failed:", *(f"  {p}" for p in problems)]
+    examples = report["examples"]
+    head = problems.pop(0)
+    if "rejected_fraction" in verdicts and examples:
+        head = f"{_example(examples[0])}; {head}"
+    lines = [f"dataset validation failed: {head}", *(f"  {p}" for p in problems)]
     if report["checks"]:
-        lines.append("rejected rows per check:")
-        lines += [f"  {check}: {n} ({CHECKS[check]})" for check, n in report["checks"].items()]
-        lines.append(f"first {len(report['examples'])} offending rows:")
-        lines += [
-            f"  {e['file']}:{e['row']} {e['field'] or '(row)'} [{e['check']}] {e['message']}"
-            for e in report["examples"]
-        ]
-    lines.append(f"quarantine: {report['quarantine_uri']}  report: {report['report_uri']}")
+        lines.append("  rejected rows per check:")
+        lines += [f"    {check}: {n} ({CHECKS[check]})" for check, n in report["checks"].items()]
+        lines.append(f"  first {len(examples)} offending rows:")
+        lines += [f"    {_example(e)}" for e in examples]
+    lines.append(f"  quarantine: {report['quarantine_uri']}  report: {report['report_uri']}")
     raise DataValidationError("\n".join(lines), report["checks"] | verdicts, report)
 
 

@@ -130,7 +130,10 @@ def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(st
     assert runs[retrain_run].name.startswith("retrain demo-order-extractor | missing | ")
     bad = runs[bad_run].state
     assert bad.type.value == "FAILED"
-    assert "training.max_step: unknown key; check the spelling against configs/default.yaml" in bad.message
+    assert (
+        "training.max_step: unknown key (did you mean training.max_steps?); check the spelling against configs/default.yaml"
+        in bad.message
+    )
     assert runs[bad_run].name.startswith("invalid config | ")
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from s3server import moto_server, s3env  # noqa: F401  (fixtures)
 
+from qlora_flow.config import ConfigError
 from qlora_flow.store import LocalStore
 from tasks.prepare_base import prepare_base_model
 
@@ -30,3 +32,14 @@ def _params(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir).parameters()
+
+
+def test_unknown_target_module_stops_before_quantizing(tiny_config):
+    """A GGUF, hub or S3 base has no weight names to check in preflight: the stage checks lora.target_modules
+    against the 16-bit import, so a typo fails in seconds instead of as a traceback of the training child."""
+    cfg = tiny_config
+    cfg.lora.target_modules = ["q_proj", "q_projj"]
+    store = LocalStore(cfg.execution.store)
+    with pytest.raises(ConfigError, match=r"lora\.target_modules: 'q_projj' names no linear layer .* q_proj, up_proj"):
+        prepare_base_model(cfg, store)
+    assert [k for k in store.list("cache/base") if "/nf4-" in k] == []

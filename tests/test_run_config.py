@@ -51,7 +51,7 @@ def test_bad_keys_and_values_are_named_on_one_line(deployed):
         resolve_run_config({}, {"training.max_step": 10})
     assert str(bad_key.value) == (
         "invalid configuration in the run's parameters over deployment qlora-finetune/manual's config: "
-        "training.max_step: unknown key; check the spelling against configs/default.yaml"
+        "training.max_step: unknown key (did you mean training.max_steps?); check the spelling against configs/default.yaml"
     )
     with pytest.raises(ConfigError, match=r"lora\.r: Input should be greater than 0 \(got 0\)"):
         resolve_run_config({"lora": {"r": 0}})

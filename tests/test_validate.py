@@ -88,9 +88,9 @@ ROW_CASES = {
     "exact_duplicate.jsonl": {3: {"duplicate"}},
     "near_duplicate.jsonl": {3: {"near_duplicate"}},
     "null_completion.jsonl": {2: {"missing_field"}},
-    "short_row.csv": {2: {"missing_field"}},
-    "extra_cells.csv": {2: {"parse"}},
-    "latin1_prompt.csv": {2: {"encoding"}},
+    "short_row.csv": {3: {"missing_field"}},  # CSV rows are numbered by line: the header is line 1
+    "extra_cells.csv": {3: {"parse"}},
+    "latin1_prompt.csv": {3: {"encoding"}},
     "output_not_string.json": {2: {"type"}},
 }
 
@@ -611,4 +611,5 @@ def test_csv_chat_column_under_column_mapping(tmp_path, make_cfg, store, tokeniz
         json.dumps(r["messages"]) for r in rows[:9]
     )
     [q] = quarantine_of(result.report_uri)
-    assert (q["row"], q["reasons"][0]["check"], q["reasons"][0]["field"]) == (10, "messages_type", "conversation")
+    # the 10th record, on line 11 below the header
+    assert (q["row"], q["reasons"][0]["check"], q["reasons"][0]["field"]) == (11, "messages_type", "conversation")

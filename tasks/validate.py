@@ -287,10 +287,12 @@ def _check_turns(chunk: _Chunk, shape: str) -> None:
             cols["open_call_ids"].append(open_ids)
             if turn["role"] != "tool":
                 open_ids = frozenset(c.get("id") for c in calls if c.get("id") is not None) if calls else frozenset()
-    turns = pd.DataFrame({
-        k: pd.Series(v, dtype="int64" if k in ("row", "turn", "n_turns") else bool if k == "has_calls" else object)
-        for k, v in cols.items()
-    })  # fmt: skip
+    turns = pd.DataFrame(
+        {
+            k: pd.Series(v, dtype="int64" if k in ("row", "turn", "n_turns") else bool if k == "has_calls" else object)
+            for k, v in cols.items()
+        }
+    )
     prefix, names = _FIELD_NAMES.get(shape, ("messages", {}))
     for case in failures(TURNS, turns):
         turn = turns.loc[case.index]

@@ -83,12 +83,14 @@ def build_data(store: LocalStore, shape: str) -> None:
     import pyarrow.parquet as pq
 
     rows = [
-        {"messages": [
-            {"role": "user", "content": f"Record {i}: {name} is {20 + 7 * i} years old."},
-            {"role": "assistant", "content": json.dumps({"name": name, "age": 20 + 7 * i})},
-        ]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Record {i}: {name} is {20 + 7 * i} years old."},
+                {"role": "assistant", "content": json.dumps({"name": name, "age": 20 + 7 * i})},
+            ]
+        }
         for i, name in enumerate(NAMES)
-    ]  # fmt: skip
+    ]
     data_key = keys(shape)[2]
     for split in ("train", "eval"):
         pq.write_table(pa.Table.from_pylist(rows), store.workdir(data_key) / f"{split}.parquet")
@@ -105,20 +107,38 @@ def build_refs(store: LocalStore, shape: str, device: str) -> dict:
         lora_params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
     n = len(NAMES)
     base = PreparedBase(
-        model_id=f"random/{shape}", architecture="LlamaForCausalLM", full_precision_uri=store.uri(base_key),
-        fingerprint=f"bench-base-{shape}", compute_dtype="bfloat16", device=device, parameters=size // 2,
-        footprint_bytes_16bit=size, load_seconds=0.0,
-    )  # fmt: skip
+        model_id=f"random/{shape}",
+        architecture="LlamaForCausalLM",
+        full_precision_uri=store.uri(base_key),
+        fingerprint=f"bench-base-{shape}",
+        compute_dtype="bfloat16",
+        device=device,
+        parameters=size // 2,
+        footprint_bytes_16bit=size,
+        load_seconds=0.0,
+    )
     adapter = AdapterRef(
-        uri=store.uri(adapter_key), checkpoint_uri=store.uri(f"{adapter_key}-checkpoints"),
-        fingerprint=f"bench-adapter-{shape}", trainable_parameters=lora_params, steps=1, loss_history=[],
-        tokens_seen=0, train_seconds=0.0, tokens_per_second=0.0,
-    )  # fmt: skip
+        uri=store.uri(adapter_key),
+        checkpoint_uri=store.uri(f"{adapter_key}-checkpoints"),
+        fingerprint=f"bench-adapter-{shape}",
+        trainable_parameters=lora_params,
+        steps=1,
+        loss_history=[],
+        tokens_seen=0,
+        train_seconds=0.0,
+        tokens_per_second=0.0,
+    )
     data = ValidatedDataset(
-        train_uri=store.uri(f"{data_key}/train.parquet"), eval_uri=store.uri(f"{data_key}/eval.parquet"),
-        report_uri=store.uri(f"{data_key}/report.json"), n_input_rows=2 * n, n_train=n, n_eval=n, n_rejected=0,
-        source_format="messages", fingerprint=f"bench-data-{shape}",
-    )  # fmt: skip
+        train_uri=store.uri(f"{data_key}/train.parquet"),
+        eval_uri=store.uri(f"{data_key}/eval.parquet"),
+        report_uri=store.uri(f"{data_key}/report.json"),
+        n_input_rows=2 * n,
+        n_train=n,
+        n_eval=n,
+        n_rejected=0,
+        source_format="messages",
+        fingerprint=f"bench-data-{shape}",
+    )
     return {"base": base.model_dump(), "adapter": adapter.model_dump(), "data": data.model_dump(), "bytes_16bit": size}
 
 
@@ -137,12 +157,18 @@ def run_child(args) -> dict:
     from tasks.merge import MergeVerificationError, merge_adapter
 
     refs = json.loads(sys.stdin.read())
-    cfg = PipelineConfig.model_validate({
-        "merge": {"verify": args.verify, "verify_prompts": args.prompts, "min_top1_agreement": args.min_top1_agreement,
-                  "verify_dtype": args.verify_dtype},
-        "evaluation": {"max_new_tokens": args.max_new_tokens},
-        "execution": {"store": args.root, "device": args.device},
-    })  # fmt: skip
+    cfg = PipelineConfig.model_validate(
+        {
+            "merge": {
+                "verify": args.verify,
+                "verify_prompts": args.prompts,
+                "min_top1_agreement": args.min_top1_agreement,
+                "verify_dtype": args.verify_dtype,
+            },
+            "evaluation": {"max_new_tokens": args.max_new_tokens},
+            "execution": {"store": args.root, "device": args.device},
+        }
+    )
     base, adapter = PreparedBase(**refs["base"]), AdapterRef(**refs["adapter"])
     data = ValidatedDataset(**refs["data"])
     cuda = args.device == "cuda"
@@ -195,24 +221,47 @@ def main() -> None:
         build_data(store, args.shape)
     refs = build_refs(store, args.shape, args.device)
 
-    cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--device", args.device, "--root", args.root,
-           "--verify" if args.verify else "--no-verify", "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--min-top1-agreement", str(args.min_top1_agreement),
-           "--verify-dtype", args.verify_dtype]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--root",
+        args.root,
+        "--verify" if args.verify else "--no-verify",
+        "--prompts",
+        str(args.prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--min-top1-agreement",
+        str(args.min_top1_agreement),
+        "--verify-dtype",
+        args.verify_dtype,
+    ]
     proc = subprocess.run(cmd, input=json.dumps(refs), stdout=subprocess.PIPE, text=True, check=True)
     child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
 
     size_gib = refs["bytes_16bit"] / GIB
     result = {
-        "shape": args.shape, "device": args.device, "verify": args.verify,
-        "min_top1_agreement": args.min_top1_agreement, "verify_dtype": args.verify_dtype,
+        "shape": args.shape,
+        "device": args.device,
+        "verify": args.verify,
+        "min_top1_agreement": args.min_top1_agreement,
+        "verify_dtype": args.verify_dtype,
         "model_16bit_gib": round(size_gib, 3),
-        "merge_wall_s": child["merge_wall_s"], "peak_rss_gib": child["peak_rss_gib"],
-        "rss_over_16bit": round(child["peak_rss_gib"] / size_gib, 2), "rss_after_imports_gib": child["rss_after_imports_gib"],
-        "gpu_peak_allocated_gib": child["gpu_peak_allocated_gib"], "gpu_peak_reserved_gib": child["gpu_peak_reserved_gib"],
-        "shipped_dtype": child["shipped_dtype"], "merged_uri": child["merged_uri"],
+        "merge_wall_s": child["merge_wall_s"],
+        "peak_rss_gib": child["peak_rss_gib"],
+        "rss_over_16bit": round(child["peak_rss_gib"] / size_gib, 2),
+        "rss_after_imports_gib": child["rss_after_imports_gib"],
+        "gpu_peak_allocated_gib": child["gpu_peak_allocated_gib"],
+        "gpu_peak_reserved_gib": child["gpu_peak_reserved_gib"],
+        "shipped_dtype": child["shipped_dtype"],
+        "merged_uri": child["merged_uri"],
         "verification": key_numbers(child["verification"]),
-    }  # fmt: skip
+    }
     if "error" in child:
         result["error"] = child["error"]
     line = json.dumps(result)

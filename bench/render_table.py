@@ -74,8 +74,11 @@ def files_for(runs: list[str], results: Path) -> list[Path]:
     found = []
     for wanted in runs:
         host, _, run = wanted.rpartition("-")
-        matches = sorted(p for p in results.glob("*.jsonl")
-                         if (m := FILE.fullmatch(p.name)) and m["host"] == host and m["run"] == run)  # fmt: skip
+        matches = sorted(
+            p
+            for p in results.glob("*.jsonl")
+            if (m := FILE.fullmatch(p.name)) and m["host"] == host and m["run"] == run
+        )
         if not matches:
             raise SystemExit(f"error: README names run {wanted!r} but no bench/results/{host}-*-{run}[-*].jsonl exists")
         found += matches
@@ -108,11 +111,13 @@ def render(files: list[Path]) -> str:
     for path in files:
         m = FILE.fullmatch(path.name)
         for row in with_ratios(measured_rows(path)):
-            settings = (f"micro-batch {row['micro_batch']} x {row['grad_accum']}, "
-                        f"{'checkpointing' if row['gradient_checkpointing'] else 'no checkpointing'}"
-                        f"{', packing' if row['packing'] else ''}{', offload' if row.get('offload') else ''}"
-                        f"{', compile' if row.get('compiled_layers') else ''}, {row['attn']}, "
-                        f"dropout {row['lora_dropout']:g}")  # fmt: skip
+            settings = (
+                f"micro-batch {row['micro_batch']} x {row['grad_accum']}, "
+                f"{'checkpointing' if row['gradient_checkpointing'] else 'no checkpointing'}"
+                f"{', packing' if row['packing'] else ''}{', offload' if row.get('offload') else ''}"
+                f"{', compile' if row.get('compiled_layers') else ''}, {row['attn']}, "
+                f"dropout {row['lora_dropout']:g}"
+            )
             lines.append(
                 f"| {m['host']}, {m['run']} | {row['workload']} | {row['profile']} | {_budget(row)} | {settings} "
                 f"| {row['real_tokens_per_s']:,.0f} | {_ratio(row.get('vs_seed'))} | {_ratio(row.get('vs_unsloth'))} "

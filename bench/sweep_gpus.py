@@ -73,10 +73,21 @@ def main() -> None:
             flush=True,
         )
         two_s, two = timed_sweep(args.config, overrides, [8, 16], Path(tmp) / "two")
-    print(json.dumps({
-        "gpus": gpus, "shape": args.shape, "steps": args.steps, "one_s": round(one_s, 1),
-        "two_parallel_s": round(two_s, 1), "parallel_efficiency": round(one_s / two_s, 3), "one": one, "two": two,
-    }), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "gpus": gpus,
+                "shape": args.shape,
+                "steps": args.steps,
+                "one_s": round(one_s, 1),
+                "two_parallel_s": round(two_s, 1),
+                "parallel_efficiency": round(one_s / two_s, 3),
+                "one": one,
+                "two": two,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

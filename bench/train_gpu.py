@@ -16,7 +16,7 @@ picks for this GPU (the same function the training stage calls), with the stage'
 per-layer torch.compile, checkpointing and micro-batch chosen from the memory budget; `budget<N>`
 is "ours" planned for and capped at N GiB (`lowmem` = 7 GiB).
 
-Seed = the original example's recipe as written (see shared/seed-notes.md) where it still trains: the
+Seed = the original example's recipe as written (the "seed recipe" of the README's performance section) where it still trains: the
 baseline plus `prepare_model_for_kbit_training`, which upcasts the embeddings, norms and LM head to
 float32 and turns on its own checkpointing, then `get_peft_model` (with the LoRA config).
 
@@ -65,14 +65,37 @@ from bench.render_table import family_of, with_ratios
 
 PEAK_BF16_FLOPS = 989e12
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                        tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
-}  # fmt: skip
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    ),
+}
 MODIFIERS = {
     "liger",
     "compile",
@@ -102,8 +125,12 @@ def random_model(shape: str, tokenizer=None):
 
     settings = dict(SHAPES[shape])
     if tokenizer is not None:
-        settings.update(vocab_size=max(settings["vocab_size"], len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        settings.update(
+            vocab_size=max(settings["vocab_size"], len(tokenizer)),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         return AutoModelForCausalLM.from_config(LlamaConfig(**settings), dtype=torch.bfloat16)
@@ -122,8 +149,9 @@ def build_model_dirs(shape: str, root: Path) -> dict:
         del model
     if not (nf4 / "config.json").exists():
         started = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(full, quantization_config=_bnb(), dtype=torch.bfloat16,
-                                                     device_map={"": 0})  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            full, quantization_config=_bnb(), dtype=torch.bfloat16, device_map={"": 0}
+        )
         torch.cuda.synchronize()
         timings["quantize_from_16bit_s"] = round(time.perf_counter() - started, 2)
         model.save_pretrained(nf4)
@@ -141,8 +169,12 @@ def _bnb():
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def lengths_for(workload: str, n: int, seed: int = 0) -> list[int]:
@@ -172,8 +204,19 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
     model_shape = ModelShape(params, h, layers, vocab, cfg.get("tie_word_embeddings", False))
     if profile in ("baseline", "seed"):
-        return dict(packing=False, gradient_checkpointing=True, compile=False, offload=False, batch=4, accum=4 // world, attn="sdpa", budget_gib=None,
-                    plan=f"{profile} recipe", params=params, max_length=None)  # fmt: skip
+        return dict(
+            packing=False,
+            gradient_checkpointing=True,
+            compile=False,
+            offload=False,
+            batch=4,
+            accum=4 // world,
+            attn="sdpa",
+            budget_gib=None,
+            plan=f"{profile} recipe",
+            params=params,
+            max_length=None,
+        )
     if profile not in ("ours", "unsloth") and budget_of(profile) is None:
         raise SystemExit(f"unknown profile {profile!r}: baseline, seed, ours, budget<N>, lowmem, unsloth, unsloth<N>")
     budget = budget_of(profile) or free_gib
@@ -184,17 +227,41 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
         # Packed rows of W2 hold ~8 examples: 16 x 1,024 tokens or 8 x 2,048 per micro-batch to start with.
         rows = 16 // world
         micro = min(rows, 16 if max_length == 1024 else 8)
-        return dict(packing=True, gradient_checkpointing=True, compile=False, offload=False, batch=micro,
-                    accum=rows // micro, attn="unsloth",
-                    budget_gib=budget_of(profile), plan="unsloth documented defaults", params=params,
-                    max_length=max_length)  # fmt: skip
-    plan = plan_training(device="cuda", shape=model_shape, max_seq_length=max_length,
-                         batch_size=4, grad_accum=4, memory_budget_gib=budget, world_size=world)  # fmt: skip
-    return dict(packing=plan.packing, gradient_checkpointing=plan.gradient_checkpointing, compile=plan.compile_layers,
-                offload=plan.offload,
-                batch=plan.per_device_batch_size, accum=plan.gradient_accumulation_steps,
-                attn=plan.attn_implementation, budget_gib=None if profile == "ours" else budget,
-                plan=plan.reason, params=params, max_length=max_length)  # fmt: skip
+        return dict(
+            packing=True,
+            gradient_checkpointing=True,
+            compile=False,
+            offload=False,
+            batch=micro,
+            accum=rows // micro,
+            attn="unsloth",
+            budget_gib=budget_of(profile),
+            plan="unsloth documented defaults",
+            params=params,
+            max_length=max_length,
+        )
+    plan = plan_training(
+        device="cuda",
+        shape=model_shape,
+        max_seq_length=max_length,
+        batch_size=4,
+        grad_accum=4,
+        memory_budget_gib=budget,
+        world_size=world,
+    )
+    return dict(
+        packing=plan.packing,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        compile=plan.compile_layers,
+        offload=plan.offload,
+        batch=plan.per_device_batch_size,
+        accum=plan.gradient_accumulation_steps,
+        attn=plan.attn_implementation,
+        budget_gib=None if profile == "ours" else budget,
+        plan=plan.reason,
+        params=params,
+        max_length=max_length,
+    )
 
 
 def split_profile(profile: str) -> tuple[str, set[str]]:
@@ -253,8 +320,9 @@ def run_one(args) -> dict:
         lora = None
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16, device_map={"": local_rank},
-                                                     attn_implementation=settings["attn"])  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            nf4, dtype=torch.bfloat16, device_map={"": local_rank}, attn_implementation=settings["attn"]
+        )
     if family == "seed":  # the example's lines: upcast to float32 and its checkpointing, then the adapter
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -290,20 +358,38 @@ def run_one(args) -> dict:
     # How a step is computed comes from the pipeline's recipe (the same batch split, checkpointing, packing,
     # offloading and token counting); the rest is the benchmark's own.
     step_args = step_arguments(
-        batch=settings["batch"], accum=settings["accum"], packing=settings["packing"], offload=activation_offloading,
+        batch=settings["batch"],
+        accum=settings["accum"],
+        packing=settings["packing"],
+        offload=activation_offloading,
         # Unsloth's own checkpointing was set up by get_peft_model; TRL's would wrap the layers a second time.
-        checkpointing=settings["gradient_checkpointing"] and family != "unsloth", device="cuda",
-    )  # fmt: skip
+        checkpointing=settings["gradient_checkpointing"] and family != "unsloth",
+        device="cuda",
+    )
     sft = SFTConfig(
-        output_dir=f"/tmp/bench-out-{os.getpid()}", max_steps=steps, learning_rate=2e-4, bf16=True,
+        output_dir=f"/tmp/bench-out-{os.getpid()}",
+        max_steps=steps,
+        learning_rate=2e-4,
+        bf16=True,
         max_length=settings["max_length"] if settings["packing"] else (2048 if args.workload == "W2" else 1024),
-        report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, completion_only_loss=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        completion_only_loss=False,
         use_liger_kernel="liger" in modifiers,
-        **({"optim": "paged_adamw_8bit"} if "adam8bit" in modifiers else {"optim": "adamw_8bit"} if family == "unsloth" else {}),
+        **(
+            {"optim": "paged_adamw_8bit"}
+            if "adam8bit" in modifiers
+            else {"optim": "adamw_8bit"}
+            if family == "unsloth"
+            else {}
+        ),
         **step_args,
-    )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[Timer()])  # fmt: skip
+    )
+    trainer = SFTTrainer(
+        model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[Timer()]
+    )
     if activation_offloading and "smalloffload" not in modifiers:
         offload_large_activations_only(trainer)
     compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
@@ -325,20 +411,33 @@ def run_one(args) -> dict:
     attn_flops = 3 * 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * mean_len  # causal QK^T + AV, fwd+bwd
     flops_per_token = 4 * settings["params"] + attn_flops
     return {
-        "shape": args.shape, "workload": args.workload, "profile": args.profile, "plan": settings["plan"],
-        "gpus": world, "lora_dropout": dropout, "compiled_layers": compiled_layers,
-        "packing": settings["packing"], "gradient_checkpointing": settings["gradient_checkpointing"],
+        "shape": args.shape,
+        "workload": args.workload,
+        "profile": args.profile,
+        "plan": settings["plan"],
+        "gpus": world,
+        "lora_dropout": dropout,
+        "compiled_layers": compiled_layers,
+        "packing": settings["packing"],
+        "gradient_checkpointing": settings["gradient_checkpointing"],
         "offload": settings["offload"],
-        "micro_batch": settings["batch"], "grad_accum": settings["accum"], "attn": settings["attn"],
-        "memory_budget_gib": settings["budget_gib"], "real_tokens_per_s": round(tokens_per_s, 1),
+        "micro_batch": settings["batch"],
+        "grad_accum": settings["accum"],
+        "attn": settings["attn"],
+        "memory_budget_gib": settings["budget_gib"],
+        "real_tokens_per_s": round(tokens_per_s, 1),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu": round(tokens_per_s * flops_per_token / PEAK_BF16_FLOPS / world, 4),
-        "step_s_mean": round(statistics.mean(measured_t), 3), "step_s_min": round(min(measured_t), 3),
-        "step_s_median": round(statistics.median(measured_t), 3), "step_s_max": round(max(measured_t), 3),
+        "step_s_mean": round(statistics.mean(measured_t), 3),
+        "step_s_min": round(min(measured_t), 3),
+        "step_s_median": round(statistics.median(measured_t), 3),
+        "step_s_max": round(max(measured_t), 3),
         "step_s_cv": round(statistics.pstdev(measured_t) / statistics.mean(measured_t), 3),
-        "steps_measured": len(measured_t), "real_tokens_per_step": round(statistics.mean(measured_tok)), "mean_example_tokens": round(mean_len, 1),
-    }  # fmt: skip
+        "steps_measured": len(measured_t),
+        "real_tokens_per_step": round(statistics.mean(measured_tok)),
+        "mean_example_tokens": round(mean_len, 1),
+    }
 
 
 def _unsloth_model(nf4: Path, tokenizer_dir: Path, max_length: int, dropout: float):
@@ -347,13 +446,24 @@ def _unsloth_model(nf4: Path, tokenizer_dir: Path, max_length: int, dropout: flo
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(nf4), tokenizer_name=str(tokenizer_dir), max_seq_length=max_length, dtype=torch.bfloat16,
-        load_in_4bit=True, fix_tokenizer=False, use_exact_model_name=True,
-    )  # fmt: skip
+        model_name=str(nf4),
+        tokenizer_name=str(tokenizer_dir),
+        max_seq_length=max_length,
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        fix_tokenizer=False,
+        use_exact_model_name=True,
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=32, lora_dropout=dropout, bias="none", target_modules=TARGETS,
-        use_gradient_checkpointing="unsloth", random_state=3407,
-    )  # fmt: skip
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=TARGETS,
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+    )
     return model, tokenizer
 
 
@@ -361,8 +471,10 @@ def _profiler(warmup: int):
     from torch.profiler import ProfilerActivity, profile, schedule
 
     # Skip the warm-up steps, then record two optimizer steps.
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1))  # fmt: skip
+    return profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=max(warmup - 1, 0), warmup=1, active=2, repeat=1),
+    )
 
 
 def _write_profile(profiler, args, step_times: list[float]) -> None:
@@ -377,8 +489,20 @@ def _write_profile(profiler, args, step_times: list[float]) -> None:
 
 
 def _child_command(args, workload: str, profile: str) -> list[str]:
-    script = [__file__, "--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--root", args.root, "--child", workload, profile]  # fmt: skip
+    script = [
+        __file__,
+        "--shape",
+        args.shape,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--root",
+        args.root,
+        "--child",
+        workload,
+        profile,
+    ]
     if "ddp" in split_profile(profile)[1]:
         import torch
 
@@ -428,8 +552,12 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/bench-models")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "PROFILE"))
     parser.add_argument("--build-only", action="store_true", help="build the model dirs, time NF4 loading, stop")
-    parser.add_argument("--time-limit-s", type=float, default=None,
-                        help="stop here: a row still running is killed and reported as an error, later rows skipped")  # fmt: skip
+    parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="stop here: a row still running is killed and reported as an error, later rows skipped",
+    )
     args = parser.parse_args()
     if args.child:
         args.workload, args.profile = args.child

@@ -75,21 +75,27 @@ def build_deployments(cfg: PipelineConfig, for_image: bool = False, schedule: bo
     common = dict(parameters=params, tags=tags, version=None)
     deployments = [
         _flow("pipeline", for_image).to_deployment(
-            name="manual", concurrency_limit=one_at_a_time,
-            description=f"Fine-tune and publish {model} on demand; edit the config in the Run form.", **common,
+            name="manual",
+            concurrency_limit=one_at_a_time,
+            description=f"Fine-tune and publish {model} on demand; edit the config in the Run form.",
+            **common,
         ),
         _flow("retrain", for_image).to_deployment(
             name="scheduled",
-            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active and schedule)],
+            schedules=[
+                Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active and schedule)
+            ],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description=f"Retrain {model} when its data or base model changed ({cfg.schedule.cron}, {cfg.schedule.timezone}).",
             **{**common, "tags": tags + ["scheduled"]},
         ),
         _flow("sweep", for_image).to_deployment(
-            name="manual", concurrency_limit=one_at_a_time,
-            description="LoRA ranks trained side by side, one per GPU.", **common,
+            name="manual",
+            concurrency_limit=one_at_a_time,
+            description="LoRA ranks trained side by side, one per GPU.",
+            **common,
         ),
-    ]  # fmt: skip
+    ]
     return deployments
 
 
@@ -158,8 +164,9 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
     names = [MANUAL, SCHEDULED, SWEEP]
     # With the k8s pool the cron runs there only (GPU cluster); the local variant stays for manual runs.
     local = keep_paused_state(build_deployments(cfg, schedule=not k8s_image))
-    ids = dict(zip(names, deploy(*local, work_pool_name=PROCESS_POOL, build=False, push=False,
-                                 print_next_steps_message=False)))  # fmt: skip
+    ids = dict(
+        zip(names, deploy(*local, work_pool_name=PROCESS_POOL, build=False, push=False, print_next_steps_message=False))
+    )
     if k8s_image:
         import json
 
@@ -167,8 +174,14 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
         k8s = build_deployments(cfg, for_image=True)
         for deployment in k8s:
             deployment.name = f"{deployment.name}-k8s"
-        k8s_ids = deploy(*keep_paused_state(k8s), work_pool_name=K8S_POOL, image=k8s_image, build=False, push=False,
-                         print_next_steps_message=False)  # fmt: skip
+        k8s_ids = deploy(
+            *keep_paused_state(k8s),
+            work_pool_name=K8S_POOL,
+            image=k8s_image,
+            build=False,
+            push=False,
+            print_next_steps_message=False,
+        )
         ids |= {f"{n}-k8s": i for n, i in zip(names, k8s_ids)}
     show_config_as_form_defaults(list(ids.values()), cfg)
     scheduled = [i for n, i in ids.items() if n.startswith(SCHEDULED)]
@@ -180,8 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="pipeline config YAML")
     parser.add_argument("--k8s-image", help="also register the Kubernetes pool and deployments using this image")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set execution.store=s3://bucket/prefix")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set execution.store=s3://bucket/prefix",
+    )
     args = parser.parse_args(argv)
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     for name, deployment_id in register(load_config(args.config, overrides), args.k8s_image).items():

@@ -183,8 +183,12 @@ def prefect_server(
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+            start_new_session=True,
+        )
         try:
             if on_start:
                 on_start(proc)
@@ -206,9 +210,12 @@ def process_worker(
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--prefetch-seconds", "5"],
-            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         try:
             if on_start:
                 on_start(proc)
@@ -237,8 +244,10 @@ def _stop_leftovers(holder: dict) -> None:
             continue
         print(
             f"warning: stopping {command} (pid {child['pid']}), left running by a local stack that died "
-            f"(pid {holder.get('pid')})", file=sys.stderr, flush=True,
-        )  # fmt: skip
+            f"(pid {holder.get('pid')})",
+            file=sys.stderr,
+            flush=True,
+        )
         _terminate_tree(child["pid"])
 
 

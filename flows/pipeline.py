@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
@@ -110,16 +111,35 @@ def qlora_pipeline(
     logger.info("run %s: base %s, data %s", run_id, config.base_model.id, config.data.train_path)
     with flow_gpu_lease(config.execution, resolve_device(config.execution.device)) as gpus:
         if gpus is not None:
-            logger.info("run %s holds GPUs %s of this host (CUDA_VISIBLE_DEVICES=%s)", run_id, gpus,
-                        os.environ["CUDA_VISIBLE_DEVICES"])  # fmt: skip
+            logger.info(
+                "run %s holds GPUs %s of this host (CUDA_VISIBLE_DEVICES=%s)",
+                run_id,
+                gpus,
+                os.environ["CUDA_VISIBLE_DEVICES"],
+            )
         return _stages(config, run_id, logger)
 
 
-def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | State:
-    # Data validation and base preparation do not depend on each other.
+# How long base preparation waits for data validation before starting beside it.
+BASE_HEAD_START_S = 10.0
+
+
+def validated_data_and_base(config: PipelineConfig) -> tuple[ValidatedDataset, PreparedBase]:
+    """Validate the data and prepare the base, which do not depend on each other.
+
+    A flow cannot stop a stage running in one of its threads: started together, bad data would fail only
+    once the base was downloaded and quantized (minutes on a first run). Validation usually ends within
+    BASE_HEAD_START_S, so the base starts after it (at most that much later: a cached base takes a second or
+    two anyway); a longer validation (a large dataset) runs beside the base preparation as before."""
     data_future = validate_dataset_task.submit(config)
-    base_future = prepare_base_model_task.submit(config)
-    data, base = data_future.result(), base_future.result()
+    done, _ = wait([data_future], timeout=BASE_HEAD_START_S)
+    data = data_future.result() if done else None  # raises at once for bad data
+    base = prepare_base_model_task.submit(config).result()
+    return (data if data is not None else data_future.result()), base
+
+
+def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | State:
+    data, base = validated_data_and_base(config)
 
     adapter = train_adapter_task(config, data, base)
     report = evaluate_task(config, run_id, data, base, adapter)

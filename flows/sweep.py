@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from flows.pipeline import run_namer
+from flows.pipeline import run_namer, validated_data_and_base
 from qlora_flow.config import PipelineConfig
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.preflight import preflight
@@ -19,9 +19,7 @@ from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.run_config import resolve_and_record
 from qlora_flow.store import open_store
 from tasks.evaluate import evaluate_adapter
-from tasks.prepare_base import prepare_base_model_task
 from tasks.train import train_adapter_exclusively
-from tasks.validate import validate_dataset_task
 
 
 class SweepPoint(BaseModel):
@@ -55,10 +53,16 @@ def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, ba
     adapter = train_adapter_exclusively(cfg, store, data, base, on_line=logger.info)
     report = evaluate_adapter(cfg, store, run_id, data, base, adapter)
     return SweepPoint(
-        rank=cfg.lora.r, run_id=run_id, adapter_uri=adapter.uri, eval_loss=report.tuned_metrics["loss"],
-        base_loss=report.base_metrics["loss"], train_seconds=adapter.train_seconds, cuda_visible_devices=devices,
-        started=started, finished=time.time(),
-    )  # fmt: skip
+        rank=cfg.lora.r,
+        run_id=run_id,
+        adapter_uri=adapter.uri,
+        eval_loss=report.tuned_metrics["loss"],
+        base_loss=report.base_metrics["loss"],
+        train_seconds=adapter.train_seconds,
+        cuda_visible_devices=devices,
+        started=started,
+        finished=time.time(),
+    )
 
 
 # validate_parameters=False: resolve_and_record merges a `config` fragment onto the deployment's config first.
@@ -75,9 +79,7 @@ def lora_sweep(
     config = resolve_and_record(config, overrides)
     ranks = [int(rank) for rank in ranks]
     preflight(config, quick=False)
-    data_future = validate_dataset_task.submit(config)
-    base_future = prepare_base_model_task.submit(config)
-    data, base = data_future.result(), base_future.result()
+    data, base = validated_data_and_base(config)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     with gpu_task_runner(config.execution) as runner:
         futures = []
@@ -93,8 +95,18 @@ def lora_sweep(
                 futures.append(runner.submit(train_candidate, params))
         points = sorted((f.result() for f in futures), key=lambda p: p.eval_loss)
     create_table_artifact(
-        [{"rank": p.rank, "eval_loss": round(p.eval_loss, 4), "base_loss": round(p.base_loss, 4),
-          "train_seconds": p.train_seconds, "gpus": p.cuda_visible_devices, "adapter": p.adapter_uri} for p in points],
-        key="lora-sweep", description=f"LoRA rank sweep, best first: rank {points[0].rank}",
-    )  # fmt: skip
+        [
+            {
+                "rank": p.rank,
+                "eval_loss": round(p.eval_loss, 4),
+                "base_loss": round(p.base_loss, 4),
+                "train_seconds": p.train_seconds,
+                "gpus": p.cuda_visible_devices,
+                "adapter": p.adapter_uri,
+            }
+            for p in points
+        ],
+        key="lora-sweep",
+        description=f"LoRA rank sweep, best first: rank {points[0].rank}",
+    )
     return points

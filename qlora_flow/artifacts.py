@@ -106,17 +106,21 @@ def _code(text: str) -> str:
 def samples_markdown(samples: Sequence[dict], run_id: str, samples_uri: str, width: int = SAMPLE_CHARS) -> str:
     shown = samples[:SAMPLES_SHOWN]
     lines = [
-        f"# Sample generations of run `{run_id}`", "",
-        f"{len(shown)} of {len(samples)} samples; texts cut at {width} characters. Full text: `{samples_uri}`", "",
-    ]  # fmt: skip
+        f"# Sample generations of run `{run_id}`",
+        "",
+        f"{len(shown)} of {len(samples)} samples; texts cut at {width} characters. Full text: `{samples_uri}`",
+        "",
+    ]
     for s in shown:
         mark = " (exact match)" if s.get("tuned_exact_match") else ""
         lines += [
-            f"**{s['index'] + 1}.** {_code(truncate(s['prompt'], width))}", "",
+            f"**{s['index'] + 1}.** {_code(truncate(s['prompt'], width))}",
+            "",
             f"- reference: {_code(truncate(s['reference'], width))}",
             f"- tuned{mark}: {_code(truncate(s['tuned'], width))}",
-            f"- base: {_code(truncate(s['base'], width))}", "",
-        ]  # fmt: skip
+            f"- base: {_code(truncate(s['base'], width))}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -222,9 +226,10 @@ def publish_eval_samples(run_id: str, samples: Sequence[dict], samples_uri: str)
 
     if samples:
         create_markdown_artifact(
-            samples_markdown(samples, run_id, samples_uri), key="eval-samples",
+            samples_markdown(samples, run_id, samples_uri),
+            key="eval-samples",
             description=f"run {run_id}: sample generations, base vs tuned",
-        )  # fmt: skip
+        )
 
 
 def publish_model_link(cfg: PipelineConfig, store: ArtifactStore, run_id: str, published: PublishedModel) -> None:
@@ -232,9 +237,10 @@ def publish_model_link(cfg: PipelineConfig, store: ArtifactStore, run_id: str, p
 
     slug = re.sub(r"[^a-z0-9-]+", "-", cfg.publish.model_name.lower()).strip("-")
     create_markdown_artifact(
-        model_markdown(cfg, store, run_id, published), key=f"model-{slug}",
+        model_markdown(cfg, store, run_id, published),
+        key=f"model-{slug}",
         description=f"Merged model of run {run_id}: how to pull it",
-    )  # fmt: skip
+    )
 
 
 class TrainingProgressArtifact:

@@ -170,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checksum-mode", default="when_supported", choices=["when_supported", "when_required"])
     what = p.add_mutually_exclusive_group()
     what.add_argument("--adapter", action="store_true", help="fetch only the LoRA adapter (peft, vLLM, TGI)")
-    what.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
-                      help="merged model as safetensors (default) or the GGUF files")  # fmt: skip
+    what.add_argument(
+        "--format",
+        choices=["safetensors", "gguf"],
+        default="safetensors",
+        help="merged model as safetensors (default) or the GGUF files",
+    )
     p.set_defaults(func=cmd_pull)
     add_schedule_parser(sub)
     return parser

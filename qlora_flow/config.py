@@ -123,8 +123,11 @@ class DataConfig(_Section):
         twice = next((t for t in targets if targets.count(t) > 1), None)
         if twice:
             sources = " and ".join(repr(s) for s, t in value.items() if t == twice)
-            raise PydanticCustomError("column", "{sources} are both renamed to {target}; keep one",
-                                      {"sources": sources, "target": repr(twice)})  # fmt: skip
+            raise PydanticCustomError(
+                "column",
+                "{sources} are both renamed to {target}; keep one",
+                {"sources": sources, "target": repr(twice)},
+            )
         return value
 
     system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")

@@ -70,6 +70,9 @@ def quiet_library_noise() -> None:
     bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _DropMessage) for f in bnb_cpu.filters):
         bnb_cpu.addFilter(_DropMessage(r"pip install kernels"))
+    # The gguf writer narrates its own file writes ("Writing the following files: ...partial") at INFO;
+    # the export stage logs each finished, verified file itself.
+    logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 def stage_of(record: logging.LogRecord) -> str | None:

@@ -25,9 +25,15 @@ ROLES = ("system", "user", "assistant")
 TURN_ROLES = ROLES + ("tool",)
 # ShareGPT `from` -> role. function_call is the assistant calling a tool, observation its result.
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "function_call": "assistant", "observation": "tool", "tool": "tool",
-}  # fmt: skip
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 
 # Check name -> what it means, phrased for the person fixing the data.
 CHECKS: dict[str, str] = {

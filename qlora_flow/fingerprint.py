@@ -48,20 +48,35 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _source_path(module: str) -> Path:
+    return _project_root() / (module.replace(".", "/") + ".py")
+
+
 def code_version(*modules: str) -> str:
     """Hash of the source files that produce a result (all project code when none are named).
 
     Naming the modules keeps an edit to, say, the evaluation stage from invalidating trained adapters.
+    The stages name theirs in qlora_flow.code_lineage, which also lists earlier hashes declared equivalent.
     """
-    project_root = Path(__file__).resolve().parent.parent
+    project_root = _project_root()
     if modules:
-        paths = [project_root / (m.replace(".", "/") + ".py") for m in modules]
+        paths = [_source_path(m) for m in modules]
     else:
         paths = [p for package in ("qlora_flow", "tasks") for p in (project_root / package).rglob("*.py")]
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.relative_to(project_root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def source_digest(*modules: str) -> str:
+    """SHA-256 of the modules' source bytes concatenated in the order given (no names, the full digest): the
+    validation stage's code hash since its first release, kept so for the data fingerprints stored with it."""
+    return hashlib.sha256(b"".join(_source_path(m).read_bytes() for m in modules)).hexdigest()
 
 
 def combine(*parts: object) -> str:

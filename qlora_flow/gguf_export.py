@@ -227,8 +227,14 @@ def compare_models(
             ids = torch.tensor([prompt])
             answers = []
             for model in (reference, candidate):
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 answers.append(out[0, len(prompt) :].tolist())
             full = torch.tensor([prompt + answers[0]])
             ref_logits, got_logits = (m(input_ids=full).logits[0].float() for m in (reference, candidate))

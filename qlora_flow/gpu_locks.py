@@ -1,6 +1,9 @@
 """This host's GPUs as OS file locks: one `flock` per GPU, which the kernel releases when its holder dies.
 
-A lease on GPU i of host h is an exclusive `flock` on `<lock dir>/gpu-<h>-<i>.lock`. A process that is
+A lease on a GPU of host h is an exclusive `flock` on `<lock dir>/gpu-<h>-<id>.lock`, where <id> names the
+physical GPU: its UUID where nvidia-smi answers, else its physical index. Not the index a process sees: a
+worker started with CUDA_VISIBLE_DEVICES=1 and one with CUDA_VISIBLE_DEVICES=0 both see "GPU 0", and must
+neither wait for each other nor, with overlapping lists, share a GPU. A process that is
 SIGKILLed (OOM killer, timeout, node restart) loses its locks at once, so a killed run never keeps a GPU
 from the next one. Next to each lock file, `gpu-<h>-<i>.holder.json` names the holder (pid, host, flow
 run, task run, since when) while it holds the lock; a waiter reads it to say what it waits for.
@@ -18,10 +21,12 @@ import json
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 LOCK_DIR_ENV = "QLORA_FLOW_GPU_LOCK_DIR"
@@ -38,8 +43,49 @@ def lock_dir() -> Path:
     return Path(configured) if configured else Path(f"/tmp/qlora-flow-gpu-locks-{os.getuid()}")
 
 
-def lock_path(directory: Path, host: str, index: int) -> Path:
-    return directory / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', host)}-{index}.lock"
+def lock_path(directory: Path, host: str, gpu: int | str) -> Path:
+    """The lock of one physical GPU (`gpu`: an id from physical_gpu_ids)."""
+    return directory / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', host)}-{re.sub(r'[^A-Za-z0-9._-]', '_', str(gpu))}.lock"
+
+
+def visible_devices(total: int) -> list[str]:
+    """What each GPU index this process sees stands for on the host: the CUDA_VISIBLE_DEVICES entries (physical
+    indices or UUIDs) in index order, or "0".."total-1" when the variable is unset."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in listed.split(",") if e.strip()] if listed else []
+    # more GPUs than listed only happens with a faked count (QLORA_FLOW_GPUS on a CPU box)
+    return entries[:total] + [str(i) for i in range(len(entries), total)]
+
+
+@lru_cache(maxsize=1)
+def _uuids_by_index() -> dict[str, str]:
+    """Physical index -> UUID of this host's GPUs, from nvidia-smi (which ignores CUDA_VISIBLE_DEVICES); {} without it."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    pairs = (line.split(",", 1) for line in out.splitlines() if "," in line)
+    return {index.strip(): uuid.strip() for index, uuid in pairs}
+
+
+def physical_gpu_ids(total: int) -> list[str]:
+    """Host-wide names of the GPUs this process sees, in index order: the same GPU gets the same name in every
+    process, whether its CUDA_VISIBLE_DEVICES names it by index or by (a prefix of) its UUID."""
+    uuids = _uuids_by_index()
+    named = []
+    for entry in visible_devices(total):
+        if entry in uuids:
+            named.append(uuids[entry])
+        else:  # a UUID or the unique UUID prefix CUDA accepts; an index when nvidia-smi is not there
+            matches = [u for u in uuids.values() if u.startswith(entry)]
+            named.append(matches[0] if len(matches) == 1 else entry)
+    return named
 
 
 def holder_path(lock: Path) -> Path:
@@ -162,7 +208,8 @@ def hold_gpus(
     Setting `cancel` ends the wait with LeaseCancelled."""
     groups = aligned_groups(total, need)
     directory = lock_dir()
-    paths = [lock_path(directory, host, i) for i in range(total)]
+    gpu_ids = physical_gpu_ids(total)
+    paths = [lock_path(directory, host, gpu) for gpu in gpu_ids]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for path in paths:
@@ -197,12 +244,17 @@ def hold_gpus(
                 watch.watch(path)
             if not announced and not watch.released.wait(max(0.0, QUIET_WAIT_S - (time.monotonic() - started))):
                 announced = True
-                on_wait(_waiting_message(host, need, busy))
+                on_wait(_waiting_message(host, need, {path: gpu_ids[paths.index(path)] for path in busy}))
             watch.released.wait()
             continue
         break
-    record = {**(holder or {}), "pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpus": ids}  # fmt: skip
+    record = {
+        **(holder or {}),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "gpus": ids,
+    }
     locked = [paths[i] for i in ids]
     try:
         for path in locked:
@@ -215,13 +267,12 @@ def hold_gpus(
             os.close(fd)
 
 
-def _waiting_message(host: str, need: int, busy: list[Path]) -> str:
+def _waiting_message(host: str, need: int, busy: dict[Path, str]) -> str:
     holders: dict[str, list[str]] = {}
-    for path in busy:
-        index = path.stem.rsplit("-", 1)[-1]
-        holders.setdefault(describe_holder(read_holder(path)), []).append(index)
+    for path, gpu in busy.items():
+        holders.setdefault(describe_holder(read_holder(path)), []).append(gpu)
     held = "; ".join(f"GPU {','.join(ids)} held by {who}" for who, ids in holders.items())
     return (
         f"waiting for {need} GPU{'s' if need > 1 else ''} of host {host}: {held} "
-        f"(lock files in {busy[0].parent}); this run starts when one is released"
+        f"(lock files in {next(iter(busy)).parent}); this run starts when one is released"
     )

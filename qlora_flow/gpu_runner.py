@@ -40,7 +40,7 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.engine import resolve_inputs_sync
 
 from qlora_flow.config import ExecutionConfig, PipelineConfig
-from qlora_flow.gpu_locks import hold_gpus
+from qlora_flow.gpu_locks import hold_gpus, visible_devices
 
 GPU_TAG = "gpu"
 # The first GPU a GpuTaskRunner task leased, as an index into what its process sees (see use_leased_gpu).
@@ -230,9 +230,18 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         env = {**get_current_settings().to_environment_variables(exclude_unset=True), **os.environ, **self._api_env}
         # in the submitter's context: its settings (a temporary API URL) reach the lease's Prefect client
         future = self._waiters.submit(
-            copy_context().run, self._run, task, task_run_id, parameters, list(wait_for or []), dependencies,
-            serialize_context(), env, holder, get_run_logger(flow_run) if flow_run else self.logger,
-        )  # fmt: skip
+            copy_context().run,
+            self._run,
+            task,
+            task_run_id,
+            parameters,
+            list(wait_for or []),
+            dependencies,
+            serialize_context(),
+            env,
+            holder,
+            get_run_logger(flow_run) if flow_run else self.logger,
+        )
         return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
 
     def _run(
@@ -251,15 +260,25 @@ class GpuTaskRunner(TaskRunner[PrefectConcurrentFuture[Any]]):
         then the GPUs, then the task in a fresh process; the lease lasts exactly as long as the task."""
         wait(wait_for)
         parameters = resolve_inputs_sync(parameters, return_data=True, max_depth=-1)
-        call = cloudpickle.dumps(dict(
-            task=task, task_run_id=task_run_id, parameters=parameters, wait_for=[f.state for f in wait_for] or None,
-            return_type="state", dependencies=dependencies, context=context,
-        ))  # fmt: skip
+        call = cloudpickle.dumps(
+            dict(
+                task=task,
+                task_run_id=task_run_id,
+                parameters=parameters,
+                wait_for=[f.state for f in wait_for] or None,
+                return_type="state",
+                dependencies=dependencies,
+                context=context,
+            )
+        )
         need = gpus_needed(task.tags, parameters)
         if need == 0:
             return self._in_process({**env, "CUDA_VISIBLE_DEVICES": ""}, call)
         with gpu_lease(self.host, self.gpus, need, holder, logger, self._stop_waiting) as ids:
-            pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), LEASED_GPU_ENV: str(ids[0])}
+            # the leased indices as this process sees them, named as CUDA_VISIBLE_DEVICES named them here: under
+            # CUDA_VISIBLE_DEVICES=2,3 index 0 is GPU 2, not the host's GPU 0
+            visible = visible_devices(self.gpus)
+            pinned = {**env, "CUDA_VISIBLE_DEVICES": ",".join(visible[i] for i in ids), LEASED_GPU_ENV: str(ids[0])}
             return self._in_process(pinned, call)
 
     def _in_process(self, env: dict[str, str], call: bytes) -> Any:
@@ -302,7 +321,7 @@ def flow_gpu_lease(execution: ExecutionConfig, device: str) -> Iterator[list[int
         return
     host = socket.gethostname()
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = previous.split(",") if previous else [str(i) for i in range(total)]
+    visible = visible_devices(total)
     in_process = torch.cuda.is_available()  # initialises CUDA now if nothing did: the indices below are in `visible`
     with gpu_lease(host, total, max(execution.gpus, 1)) as ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in ids)

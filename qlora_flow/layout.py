@@ -11,6 +11,7 @@ The same keys on every backend (qlora_flow.store for a local directory, qlora_fl
     cache/eval/<fp>/entry.json           measured evaluation numbers (qlora_flow.stage_cache)
     cache/merged/<fp>/entry.json         where the verified merge of an adapter is stored (qlora_flow.stage_cache)
     cache/gguf/<fp>/                     verified GGUF files of a merged model (tasks/export_gguf.py)
+    cache/adopted/<kind>/<fp>.json       the earlier fingerprint whose entry answers fp (qlora_flow.code_lineage)
     runs/<run-id>/flow-run.json          the flow run that owns the run id
     runs/<run-id>/eval/                  report.json, report.md, samples.jsonl, loss_curve.png
     runs/<run-id>/model/                 the merged model, verification.json, README.md (model card)
@@ -45,6 +46,11 @@ _FP_DIGITS = 24
 def cache_key(kind: str, fingerprint: str) -> str:
     """cache/<kind>/<fp>: the content-addressed home of one stage result (adapter, eval, merged)."""
     return f"cache/{kind}/{fingerprint[:_FP_DIGITS]}"
+
+
+def adoption_key(kind: str, fingerprint: str) -> str:
+    """cache/adopted/<kind>/<fp>.json: names the entry, stored by earlier code declared equivalent, that answers fp."""
+    return f"cache/adopted/{kind}/{fingerprint[:_FP_DIGITS]}.json"
 
 
 def adapter_key(fingerprint: str) -> str:

@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from qlora_flow import layout
+from qlora_flow.atomic_files import temp_beside, temp_dir_beside
 from qlora_flow.config import S3Settings
 from qlora_flow.errors import PermanentError
 from qlora_flow.fingerprint import sha256_file
@@ -91,7 +91,7 @@ def _matches(path: Path, entry: dict) -> bool:
 def _download_verified(store: ArtifactStore, key: str, target: Path, entry: dict, label: str, outcome: str) -> None:
     """Download key to a temporary file beside target, check it against entry, then rename it over target."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{_TEMP_MARK}")
+    fd, tmp = temp_beside(target, _TEMP_MARK)
     os.close(fd)
     try:
         store.download(key, Path(tmp))
@@ -121,7 +121,7 @@ def _repair(
             restored.append(rel)
     if (dest / MANIFEST_NAME).read_bytes() != manifest_bytes:
         restored.append(MANIFEST_NAME)
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{MANIFEST_NAME}{_TEMP_MARK}")
+        fd, tmp = temp_beside(dest / MANIFEST_NAME, _TEMP_MARK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(manifest_bytes)
         os.replace(tmp, dest / MANIFEST_NAME)
@@ -166,7 +166,7 @@ def pull_and_verify(
     downloaded."""
     dest = Path(dest).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    staging = temp_dir_beside(dest)
     try:
         store = _open(store_uri, s3, staging / ".cache")
         alias_key = layout.alias_key(name, alias)

@@ -223,8 +223,7 @@ def _csv(path: Path, uri: str) -> Iterator[RawRow]:
             # the reader cannot find where the next record starts, so the rest of the file is unreadable
             raise file_error(
                 "parse",
-                f"{uri}:{end + 1}: not valid CSV ({exc}): a quoted cell is never closed or has text after its "
-                "closing quote",
+                f"{uri}:{end + 1}: not valid CSV ({exc}): a quoted cell is never closed or has text after its closing quote",
             ) from None
 
 

@@ -85,8 +85,10 @@ def resolve_run_config(config: PipelineConfig | dict | None, overrides: dict | N
     else:
         raise ConfigError(f"config: expected a mapping of config sections, got {type(config).__name__} {config!r}")
     if not isinstance(overrides or {}, dict):
-        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, e.g. {{\"training.max_steps\": 10}}, "
-                          f"got {overrides!r}")  # fmt: skip
+        raise ConfigError(
+            f'overrides: expected a mapping of dotted keys to values, e.g. {{"training.max_steps": 10}}, '
+            f"got {overrides!r}"
+        )
     resolved = validate_config(apply_overrides(raw, dict(overrides or {})), f"the run's parameters over {base_name}")
     try:
         before = _flatten(PipelineConfig.model_validate(base).model_dump(mode="json"))

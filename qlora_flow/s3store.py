@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from botocore.exceptions import ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
 from qlora_flow import integrity, layout
+from qlora_flow.atomic_files import temp_beside
 from qlora_flow.config import S3Settings
 from qlora_flow.fingerprint import sha256_file
 from qlora_flow.store import COMPLETE_MARKER, AliasConflict, ArtifactStore
@@ -387,7 +387,7 @@ class S3Store(ArtifactStore):
         def get(rel: str) -> None:
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            fd, tmp = temp_beside(target)
             os.close(fd)
             try:
                 self.download(f"{key}/{rel}", Path(tmp))

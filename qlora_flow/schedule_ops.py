@@ -135,13 +135,20 @@ def schedule_status(model: str | None = None) -> list[ScheduleStatus]:
         for d in scheduled_deployments(client, model):
             schedules = [
                 f"{s.schedule.cron} ({s.schedule.timezone}), {'on' if s.active else 'off'}"
-                if hasattr(s.schedule, "cron") else f"{s.schedule}, {'on' if s.active else 'off'}"
+                if hasattr(s.schedule, "cron")
+                else f"{s.schedule}, {'on' if s.active else 'off'}"
                 for s in d.schedules
-            ]  # fmt: skip
-            statuses.append(ScheduleStatus(
-                model=_model_of(d), deployment=f"{client.read_flow(d.flow_id).name}/{d.name}", deployment_id=d.id,
-                paused=bool(d.paused), schedules=schedules, reason=pause_reason(client, d.id) if d.paused else None,
-            ))  # fmt: skip
+            ]
+            statuses.append(
+                ScheduleStatus(
+                    model=_model_of(d),
+                    deployment=f"{client.read_flow(d.flow_id).name}/{d.name}",
+                    deployment_id=d.id,
+                    paused=bool(d.paused),
+                    schedules=schedules,
+                    reason=pause_reason(client, d.id) if d.paused else None,
+                )
+            )
     return statuses
 
 

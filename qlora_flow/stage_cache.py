@@ -8,7 +8,8 @@
                                    model is stored once however many runs produce it.
 
 An entry is written through the store's workdir/commit, so it counts only once its completion marker
-exists; an entry that cannot be read is set aside with a WARNING and the stage runs again.
+exists; an entry that cannot be read is set aside with a WARNING and the stage runs again. An entry stored
+under the fingerprint of earlier code declared equivalent (qlora_flow.code_lineage) is found too (`find_entry`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from qlora_flow.code_lineage import code_hashes, find_result
 from qlora_flow.config import PipelineConfig
-from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import CACHE_ENTRY_NAME, cache_key
 from qlora_flow.refs import AdapterRef, MergedModel, PreparedBase, ValidatedDataset
 from qlora_flow.store import ArtifactStore
@@ -79,28 +81,57 @@ class MergeEntry(BaseModel):
     run_id: str  # the run that merged it, whose model directory merged.uri names
 
 
-def evaluation_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef) -> str:
+def evaluation_fingerprints(
+    cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef
+) -> list[str]:
     """What the measured numbers depend on: adapter, eval split (in the data fp), base and where it computes,
-    evaluation settings except the gate, code and libraries."""
-    return combine(
-        "evaluation", adapter.fingerprint, data.fingerprint, base.fingerprint, base.compute_dtype, base.device,
-        cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
-        code_version("tasks.evaluate", "qlora_flow.metrics", "qlora_flow.models", "qlora_flow.stage_inputs"),
-        library_versions(),
-    )  # fmt: skip
+    evaluation settings except the gate, code and libraries. Today's first, then earlier code's (code_lineage)."""
+    return [
+        combine(
+            "evaluation",
+            adapter.fingerprint,
+            data.fingerprint,
+            base.fingerprint,
+            base.compute_dtype,
+            base.device,
+            cfg.evaluation.model_dump(mode="json", exclude={"gate"}),
+            code,
+            library_versions(),
+        )
+        for code in code_hashes("evaluation")
+    ]
+
+
+def evaluation_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase, adapter: AdapterRef) -> str:
+    return evaluation_fingerprints(cfg, data, base, adapter)[0]
+
+
+def merge_fingerprints(
+    cfg: PipelineConfig, base: PreparedBase, adapter: AdapterRef, data: ValidatedDataset | None
+) -> list[str]:
+    """What the merged model and its verification depend on: adapter, base, merge settings, the verification
+    budget (evaluation.max_new_tokens) and prompts (eval split, else the report's samples), code and libraries.
+    Today's first, then earlier code's (code_lineage)."""
+    return [
+        combine(
+            "merge",
+            adapter.fingerprint,
+            base.fingerprint,
+            base.device,
+            cfg.merge,
+            cfg.evaluation.max_new_tokens,
+            data.fingerprint if data else "eval-report-samples",
+            code,
+            library_versions(),
+        )
+        for code in code_hashes("merge")
+    ]
 
 
 def merge_fingerprint(
     cfg: PipelineConfig, base: PreparedBase, adapter: AdapterRef, data: ValidatedDataset | None
 ) -> str:
-    """What the merged model and its verification depend on: adapter, base, merge settings, the verification
-    budget (evaluation.max_new_tokens) and prompts (eval split, else the report's samples), code and libraries."""
-    return combine(
-        "merge", adapter.fingerprint, base.fingerprint, base.device, cfg.merge, cfg.evaluation.max_new_tokens,
-        data.fingerprint if data else "eval-report-samples",
-        code_version("tasks.merge", "qlora_flow.models", "qlora_flow.stage_inputs", "qlora_flow.training_template"),
-        library_versions(),
-    )  # fmt: skip
+    return merge_fingerprints(cfg, base, adapter, data)[0]
 
 
 def entry_key(kind: str, fingerprint: str) -> str:
@@ -117,6 +148,14 @@ def read_entry(store: ArtifactStore, kind: str, fingerprint: str, model: type[En
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         log.warning("cache entry %s is unreadable (%s); computing it again", store.uri(key), exc)
         return None
+
+
+def find_entry(
+    store: ArtifactStore, kind: str, fingerprints: list[str], model: type[Entry]
+) -> tuple[str, Entry] | None:
+    """The entry for fingerprints[0] and the fingerprint it is stored under, which may be an earlier code's
+    (qlora_flow.code_lineage.find_result); None when there is none to use."""
+    return find_result(store, kind, fingerprints, lambda fingerprint: read_entry(store, kind, fingerprint, model))
 
 
 def write_entry(store: ArtifactStore, kind: str, fingerprint: str, entry: BaseModel) -> str:

@@ -25,11 +25,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from qlora_flow import integrity, layout
+from qlora_flow.atomic_files import temp_beside
 from qlora_flow.integrity import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class LocalStore(ArtifactStore):
         target = self._p(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         # write-then-rename: readers see the old file or the new one, never half of one
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        fd, tmp = temp_beside(target)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, target)
@@ -292,7 +292,7 @@ class LocalStore(ArtifactStore):
     def copy(self, src_key: str, dst_key: str) -> None:
         target = self._p(dst_key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        fd, tmp = temp_beside(target)
         os.close(fd)
         shutil.copyfile(self._p(src_key), tmp)
         os.replace(tmp, target)

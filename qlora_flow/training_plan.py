@@ -160,9 +160,11 @@ def plan_training(
                 speed = tokens / (cost + _FIXED_COST_TOKENS)
                 if best is None or speed > best[0]:
                     peak = estimate_peak_gib(shape, tokens, ckpt, quantized, compiled, off)
-                    reason = (f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}"
-                              f"{', offload to CPU' if off else ''}: ~{peak:.1f} GiB (+ margin {planned - peak:.1f}) "
-                              f"of {budget:.0f}")  # fmt: skip
+                    reason = (
+                        f"micro-batch {micro}, checkpointing {'on' if ckpt else 'off'}"
+                        f"{', offload to CPU' if off else ''}: ~{peak:.1f} GiB (+ margin {planned - peak:.1f}) "
+                        f"of {budget:.0f}"
+                    )
                     plan = TrainingPlan(
                         use_packing, ckpt, compiled, off, micro, rank_batch // micro, attn, round(peak, 1), reason
                     )
@@ -177,6 +179,14 @@ def plan_training(
             return plan
     ckpt = checkpointing != "off"
     smallest = ckpt and offload != "off"
-    return TrainingPlan(use_packing, ckpt, compiled, smallest, 1, rank_batch, attn,
-                        round(estimate_peak_gib(shape, max_seq_length, ckpt, quantized, compiled, smallest), 1),
-                        "smallest profile; may exceed the budget")  # fmt: skip
+    return TrainingPlan(
+        use_packing,
+        ckpt,
+        compiled,
+        smallest,
+        1,
+        rank_batch,
+        attn,
+        round(estimate_peak_gib(shape, max_seq_length, ckpt, quantized, compiled, smallest), 1),
+        "smallest profile; may exceed the budget",
+    )

@@ -39,7 +39,7 @@ from qlora_flow.metrics import exact_match, generation_metrics, token_f1
 from qlora_flow.model_events import model_resource
 from qlora_flow.models import end_of_turn_token_ids, load_full_precision_model
 from qlora_flow.refs import AdapterRef, EvalReport, GateVerdict, LossPoint, PreparedBase, ValidatedDataset
-from qlora_flow.stage_cache import Measurement, entry_key, evaluation_fingerprint, read_entry, write_entry
+from qlora_flow.stage_cache import Measurement, entry_key, evaluation_fingerprints, find_entry, write_entry
 from qlora_flow.stage_inputs import Conversation, local_path, read_conversations, run_tokenizer
 from qlora_flow.store import ArtifactStore, open_store
 
@@ -173,9 +173,14 @@ def _model_metrics(
         return metrics, []
     generating = StageProgress("evaluate", f"{label} model: generation", len(samples))
     ids = greedy_generate(
-        model, tokenizer, [c[:-1] for c in samples], cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size, stop_ids,
+        model,
+        tokenizer,
+        [c[:-1] for c in samples],
+        cfg.evaluation.max_new_tokens,
+        cfg.evaluation.batch_size,
+        stop_ids,
         generating,
-    )  # fmt: skip
+    )
     answers = [decode_answer(tokenizer, i) for i in ids]
     metrics.update(generation_metrics(answers, [c[-1]["content"] for c in samples]))
     metrics["generation_samples"] = float(len(samples))
@@ -330,14 +335,18 @@ def evaluate_adapter(
     settings (qlora_flow.stage_cache); the gate is decided again on every run, against today's production.
     """
     conversations = read_conversations(store, data.eval_uri)
-    fingerprint = evaluation_fingerprint(cfg, data, base, adapter)
-    measured = read_entry(store, "eval", fingerprint, Measurement)
-    if measured is None:
-        measured = measure(cfg, store, conversations, base, adapter)
+    fingerprints = evaluation_fingerprints(cfg, data, base, adapter)
+    found = find_entry(store, "eval", fingerprints, Measurement)
+    if found is None:
+        fingerprint, measured = fingerprints[0], measure(cfg, store, conversations, base, adapter)
         write_entry(store, "eval", fingerprint, measured)
     else:
-        log.info("adapter %s already evaluated with these settings (%s); reusing its numbers", adapter.fingerprint[:16],
-                 store.uri(entry_key("eval", fingerprint)))  # fmt: skip
+        fingerprint, measured = found  # an earlier code's entry keeps its fingerprint: publication matches it
+        log.info(
+            "adapter %s already evaluated with these settings (%s); reusing its numbers",
+            adapter.fingerprint[:16],
+            store.uri(entry_key("eval", fingerprint)),
+        )
     base_metrics, tuned_metrics = measured.base_metrics, measured.tuned_metrics
     base_answers, tuned_answers = measured.base_answers, measured.tuned_answers
 

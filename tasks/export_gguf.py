@@ -22,8 +22,9 @@ import shutil
 
 from prefect import task
 
+from qlora_flow.code_lineage import code_hashes, find_result
 from qlora_flow.config import PipelineConfig
-from qlora_flow.fingerprint import code_version, combine
+from qlora_flow.fingerprint import combine
 from qlora_flow.gguf_export import (
     check_exportable,
     compare_models,
@@ -49,6 +50,25 @@ def _verify_prompts(cfg: PipelineConfig, store: ArtifactStore, data: ValidatedDa
     return [messages[:-1] for messages in rows[: cfg.merge.verify_prompts]]
 
 
+def gguf_fingerprints(cfg: PipelineConfig, merged: MergedModel, data: ValidatedDataset) -> list[str]:
+    """The merged model, the eval prompts, the export and check settings and the code; today's first, then
+    earlier code's (qlora_flow.code_lineage)."""
+    return [
+        combine(
+            "gguf",
+            merged.fingerprint,
+            data.fingerprint,
+            cfg.export,
+            cfg.merge.verify_prompts,
+            cfg.merge.logits_atol_16bit,
+            cfg.evaluation.max_new_tokens,
+            cfg.publish.model_name,
+            code,
+        )
+        for code in code_hashes("gguf")
+    ]
+
+
 def export_gguf_files(
     cfg: PipelineConfig, store: ArtifactStore, merged: MergedModel, data: ValidatedDataset
 ) -> GgufExport:
@@ -57,12 +77,14 @@ def export_gguf_files(
 
     from qlora_flow.models import end_of_turn_token_ids
 
-    fingerprint = combine(
-        "gguf", merged.fingerprint, data.fingerprint, cfg.export, cfg.merge.verify_prompts, cfg.merge.logits_atol_16bit,
-        cfg.evaluation.max_new_tokens, cfg.publish.model_name, code_version("qlora_flow.gguf_export", "tasks.export_gguf"),
-    )  # fmt: skip
-    key = cache_key("gguf", fingerprint)
-    if store.is_complete(key):
+    def complete(fingerprint: str) -> str | None:
+        key = cache_key("gguf", fingerprint)
+        return key if store.is_complete(key) else None
+
+    fingerprints = gguf_fingerprints(cfg, merged, data)
+    found = find_result(store, "gguf", fingerprints, complete)
+    key = found[1] if found else cache_key("gguf", fingerprints[0])
+    if found:
         log.info(
             "GGUF files for merged model %s already exported and verified: %s", merged.fingerprint[:16], store.uri(key)
         )
@@ -100,8 +122,11 @@ def export_gguf_files(
             == tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in rendered
         )
-        result |= {"tokenizer_same_ids": same_ids, "same_chat_template": file_tokenizer.chat_template == tokenizer.chat_template,
-                   "bytes": (out / name).stat().st_size}  # fmt: skip
+        result |= {
+            "tokenizer_same_ids": same_ids,
+            "same_chat_template": file_tokenizer.chat_template == tokenizer.chat_template,
+            "bytes": (out / name).stat().st_size,
+        }
         verification[qtype], files[qtype] = result, name
         log.info("GGUF %s: %s", name, json.dumps(result, sort_keys=True))
         if qtype == "f16" and result["greedy_identical"] != result["prompts"]:

@@ -46,7 +46,7 @@ from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import run_model_key
 from qlora_flow.models import end_of_turn_token_ids, load_target
 from qlora_flow.refs import AdapterRef, EvalReport, MergedModel, PreparedBase, ValidatedDataset
-from qlora_flow.stage_cache import MergeEntry, entry_key, merge_fingerprint, read_entry, write_entry
+from qlora_flow.stage_cache import MergeEntry, entry_key, find_entry, merge_fingerprints, write_entry
 from qlora_flow.stage_inputs import Conversation, local_path, read_conversations, run_tokenizer
 from qlora_flow.store import ArtifactStore, open_store
 from qlora_flow.training_template import end_of_turn_in_training_mask
@@ -296,9 +296,11 @@ def verify_saved(
     eos_masked = end_of_turn_in_training_mask(tokenizer, conversations[0])
 
     verification: dict[str, float | bool | int | str] = {
-        "verified": True, "prompts": len(prompts), "logits_atol": atol,
+        "verified": True,
+        "prompts": len(prompts),
+        "logits_atol": atol,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
-    }  # fmt: skip
+    }
     failures = []
     result = compare(reference, reloaded_probes, atol)
     verification.update({f"reloaded_{k}": v for k, v in result.items()})
@@ -430,21 +432,28 @@ def merge_or_reuse(
 ) -> MergedModel:
     """The verified merge of an earlier run with the same adapter and merge settings, where it is stored
     (cache/merged/<fp> names it; its model card names that run), else merge_adapter, recorded there."""
-    fingerprint = merge_fingerprint(cfg, base, adapter, data)
-    cached = read_entry(store, "merged", fingerprint, MergeEntry)
+    fingerprints = merge_fingerprints(cfg, base, adapter, data)
+    fingerprint, cached = find_entry(store, "merged", fingerprints, MergeEntry) or (fingerprints[0], None)
     if cached is not None:
         try:
             present = store.is_complete(store.key_of(cached.merged.uri))
         except ValueError:  # names nothing in this store (entries read back map keys and moved-store URIs here)
             present = False
         if present:
-            log.info("adapter %s was already merged and verified by run %s; reusing %s",
-                     adapter.fingerprint[:16], cached.run_id, cached.merged.uri)  # fmt: skip
+            log.info(
+                "adapter %s was already merged and verified by run %s; reusing %s",
+                adapter.fingerprint[:16],
+                cached.run_id,
+                cached.merged.uri,
+            )
             return cached.merged
-        log.warning("%s names merged model %s, which is gone or incomplete; merging again",
-                    store.uri(entry_key("merged", fingerprint)), cached.merged.uri)  # fmt: skip
+        log.warning(
+            "%s names merged model %s, which is gone or incomplete; merging again",
+            store.uri(entry_key("merged", fingerprint)),
+            cached.merged.uri,
+        )
     merged = merge_adapter(cfg, store, run_id, base, adapter, report, data)
-    write_entry(store, "merged", fingerprint, MergeEntry(merged=merged, run_id=run_id))
+    write_entry(store, "merged", fingerprints[0], MergeEntry(merged=merged, run_id=run_id))
     return merged
 
 

@@ -174,10 +174,16 @@ def publication_fingerprint(
     if report.fingerprint is None:
         return None
     return combine(
-        "publication", merged.fingerprint, adapter.fingerprint, data.fingerprint, base.fingerprint,
-        recipe_fingerprint(cfg), report.fingerprint, cfg.publish,
+        "publication",
+        merged.fingerprint,
+        adapter.fingerprint,
+        data.fingerprint,
+        base.fingerprint,
+        recipe_fingerprint(cfg),
+        report.fingerprint,
+        cfg.publish,
         *([{"gguf": sorted(gguf.files)}] if gguf else []),  # GGUF files turned on make a new publication
-    )  # fmt: skip
+    )
 
 
 def build_manifest(
@@ -298,10 +304,30 @@ def _served_publication(store: ArtifactStore, cfg: PipelineConfig, fingerprint: 
         if stored_key(run, f) not in stored and not store.exists(stored_key(run, f))
     ]
     if hashlib.sha256(manifest_bytes).hexdigest() != document["manifest_sha256"] or missing:
-        log.warning("%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
-                    document["manifest_uri"], ", ".join(missing[:3]) or "manifest checksum")  # fmt: skip
+        log.warning(
+            "%s serves this publication but its manifest or files (%s) are damaged; publishing it again",
+            store.uri(manifest_key),
+            ", ".join(missing[:3]) or "manifest checksum",
+        )
         return None
     return document, manifest
+
+
+def _relocate_alias(store: ArtifactStore, key: str, manifest_uri: str, model_uri: str) -> None:
+    """After a copy or move of the store, point the alias document's URIs (what people and serving tools read)
+    at this store; its keys were right all along. Compare-and-swap: a publisher that moved it meanwhile wins."""
+    document, version = store.read_alias(key)
+    if document is None or (document.get("manifest_uri"), document.get("model_uri")) == (manifest_uri, model_uri):
+        return
+    try:
+        store.swap_alias(key, {**document, "manifest_uri": manifest_uri, "model_uri": model_uri}, version)
+    except AliasConflict:
+        return
+    log.info(
+        "%s named the store's earlier place (%s); its URIs now name this store",
+        store.uri(key),
+        document.get("manifest_uri"),
+    )
 
 
 def _record_same_as(
@@ -316,20 +342,44 @@ def _record_same_as(
     # An unchanged re-run: the alias already serves this model with these numbers. Nothing is copied and
     # the alias stays; the run's record names the run whose manifest (and model files) it would have duplicated.
     document, manifest = served
-    store.write_json(f"{run}/{SAME_AS_NAME}", store.as_keys({
-        "run_id": run_id, "same_as_run": document["run_id"], "model_name": cfg.publish.model_name,
-        "alias": cfg.publish.alias, "manifest_uri": document["manifest_uri"],
-        "manifest_sha256": document["manifest_sha256"], "model_uri": document["model_uri"],
-        "publication_fingerprint": fingerprint, "created_at": datetime.now(timezone.utc).isoformat(),
-        "flow_run_id": flow_run_id,
-    }))  # fmt: skip
-    log.info("%s:%s already serves this publication (run %s); nothing copied",
-             cfg.publish.model_name, cfg.publish.alias, document["run_id"])  # fmt: skip
+    # URIs in this store: the alias document's absolute ones name where the store was when it was written,
+    # which after a copy or a move is somewhere else
+    manifest_uri = store.uri(document.get("manifest_key") or store.key_of(document["manifest_uri"]))
+    model_uri = store.uri(store.key_of(document["model_uri"]))
+    _relocate_alias(store, alias_key(cfg.publish.model_name, cfg.publish.alias), manifest_uri, model_uri)
+    store.write_json(
+        f"{run}/{SAME_AS_NAME}",
+        store.as_keys(
+            {
+                "run_id": run_id,
+                "same_as_run": document["run_id"],
+                "model_name": cfg.publish.model_name,
+                "alias": cfg.publish.alias,
+                "manifest_uri": manifest_uri,
+                "manifest_sha256": document["manifest_sha256"],
+                "model_uri": model_uri,
+                "publication_fingerprint": fingerprint,
+                "created_at": datetime.now(timezone.utc).isoformat(),
+                "flow_run_id": flow_run_id,
+            }
+        ),
+    )
+    log.info(
+        "%s:%s already serves this publication (run %s); nothing copied",
+        cfg.publish.model_name,
+        cfg.publish.alias,
+        document["run_id"],
+    )
     return PublishedModel(
-        run_uri=store.uri(run), manifest_uri=document["manifest_uri"], model_uri=document["model_uri"],
-        alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)), alias_moved=False,
-        files=len(manifest["files"]), total_bytes=manifest["total_bytes"], same_as_run=document["run_id"],
-    )  # fmt: skip
+        run_uri=store.uri(run),
+        manifest_uri=manifest_uri,
+        model_uri=model_uri,
+        alias_uri=store.uri(alias_key(cfg.publish.model_name, cfg.publish.alias)),
+        alias_moved=False,
+        files=len(manifest["files"]),
+        total_bytes=manifest["total_bytes"],
+        same_as_run=document["run_id"],
+    )
 
 
 def _write_run_files(
@@ -526,8 +576,14 @@ def publish_task(
         txn.stage(published)
     if published.same_as_run:
         # nothing new was published: no model.published event for automations to act on
-        logger.info("%s:%s already serves this model (run %s); recorded %s/%s", cfg.publish.model_name,
-                    cfg.publish.alias, published.same_as_run, published.run_uri, SAME_AS_NAME)  # fmt: skip
+        logger.info(
+            "%s:%s already serves this model (run %s); recorded %s/%s",
+            cfg.publish.model_name,
+            cfg.publish.alias,
+            published.same_as_run,
+            published.run_uri,
+            SAME_AS_NAME,
+        )
         return published
     logger.info(
         "published %s: %d files, alias moved: %s", published.manifest_uri, published.files, published.alias_moved

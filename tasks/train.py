@@ -12,7 +12,8 @@ Where things live in the store (fp = training fingerprint):
 
 The fingerprint covers the data, the base model, the LoRA and training settings that change the
 result, the backend's code (not this module's) and the library versions; an identical request returns the stored adapter, and a
-run that died resumes from the newest complete checkpoint.
+run that died resumes from the newest complete checkpoint. An adapter (or checkpoint) stored under the fingerprint of
+earlier code declared equivalent in qlora_flow/code_lineage.py is used as well.
 
 GPU work runs in a child process (`python -m tasks.train SPEC RESULT`) so that a timeout or a
 cancellation kills it and frees the device, and its log lines stream into the Prefect run.
@@ -31,25 +32,26 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from qlora_flow.artifacts import TrainingProgressArtifact
+from qlora_flow.code_lineage import code_hashes, find_result, training_modules
 from qlora_flow.config import PipelineConfig
 from qlora_flow.errors import is_retryable
-from qlora_flow.fingerprint import code_version, combine, library_versions
+from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
 from qlora_flow.recipe import RecipeInputs, make_plan, prepare_device
 from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import COMPLETE_MARKER, ArtifactStore, open_store
-from qlora_flow.training_backends import backend_code_modules, training_backend
+from qlora_flow.training_backends import training_backend
 from qlora_flow.training_plan import resolve_packing
 
 log = logging.getLogger(__name__)
@@ -57,24 +59,20 @@ log = logging.getLogger(__name__)
 PROGRESS_PREFIX = "QLORA_FLOW_PROGRESS "
 
 
-def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
+def training_fingerprints(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> list[str]:
+    """Today's adapter fingerprint first, then those that earlier code of the default backend declared equivalent
+    computed (qlora_flow.code_lineage "training")."""
     # `packing: auto` packs on GPUs only, and a packed row holds several examples: resolved, it names the recipe.
     packed = resolve_packing(cfg.training.packing, base.device)
-    return combine(
-        "adapter",
-        data.fingerprint,
-        base.fingerprint,
-        recipe_fingerprint(cfg),
-        {"packed": packed},
-        code_version(
-            *backend_code_modules(cfg.training.backend),  # the default's: exactly "qlora_flow.recipe"
-            "qlora_flow.models",
-            "qlora_flow.hardware",
-            "qlora_flow.training_plan",
-            "qlora_flow.training_template",
-        ),
-        library_versions(),
-    )
+    recipe, libraries = recipe_fingerprint(cfg), library_versions()
+    return [
+        combine("adapter", data.fingerprint, base.fingerprint, recipe, {"packed": packed}, code, libraries)
+        for code in code_hashes("training", training_modules(cfg.training.backend))
+    ]
+
+
+def training_fingerprint(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
+    return training_fingerprints(cfg, data, base)[0]
 
 
 def _complete_steps(store: ArtifactStore, checkpoints_key: str) -> list[int]:
@@ -106,6 +104,22 @@ def newest_verified_checkpoint(store: ArtifactStore, checkpoints_key: str) -> tu
     return None
 
 
+def resume_point(store: ArtifactStore, fingerprints: list[str]) -> tuple[int, Path] | None:
+    """The newest verified checkpoint under today's fingerprint, else under the first earlier one (code declared
+    equivalent) that has one: a training cut off before an upgrade continues after it."""
+    for fingerprint in fingerprints:
+        found = newest_verified_checkpoint(store, adapter_checkpoints_key(fingerprint))
+        if found is not None:
+            if fingerprint != fingerprints[0]:
+                log.info(
+                    "resuming from a checkpoint of fingerprint %s, trained by earlier code declared equivalent "
+                    "(qlora_flow/code_lineage.py)",
+                    fingerprint[:24],
+                )
+            return found
+    return None
+
+
 def run_training(
     cfg: PipelineConfig,
     store: ArtifactStore,
@@ -117,12 +131,13 @@ def run_training(
     Use `train_adapter` for caching and process isolation.
 
     Each trainer log report goes to on_progress; without one it is printed for a parent process."""
-    fingerprint = training_fingerprint(cfg, data, base)
+    fingerprints = training_fingerprints(cfg, data, base)
+    fingerprint = fingerprints[0]
     checkpoints_key, adapter_out_key = adapter_checkpoints_key(fingerprint), trained_adapter_key(fingerprint)
     prepare_device(base.device, cfg.training.memory_budget_gib)
     full_dir = store.fetch(store.key_of(base.full_precision_uri))
     plan = make_plan(cfg, base, full_dir)
-    resume = newest_verified_checkpoint(store, checkpoints_key)
+    resume = resume_point(store, fingerprints)
     if resume is not None:
         log.info("resuming from complete checkpoint at step %d", resume[0])
     inputs = RecipeInputs(
@@ -137,9 +152,12 @@ def run_training(
     )
     _remove_incomplete_checkpoints(inputs.checkpoint_dir)
     stats = training_backend(cfg.training.backend).train_lora(
-        cfg, plan, inputs, on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
+        cfg,
+        plan,
+        inputs,
+        on_checkpoint=lambda name: store.commit(f"{checkpoints_key}/{name}"),
         on_log=on_progress or _print_progress,
-    )  # fmt: skip
+    )
     ref = AdapterRef(
         uri=store.uri(adapter_out_key),
         checkpoint_uri=store.uri(checkpoints_key),
@@ -177,9 +195,16 @@ class _TrainSpec(BaseModel):
 def _child_command(cfg: PipelineConfig, base: PreparedBase, spec_path: Path, result_path: Path) -> list[str]:
     if base.device == "cuda" and cfg.execution.gpus > 1:
         return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={cfg.execution.gpus}", "-m", "tasks.train", str(spec_path), str(result_path),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg.execution.gpus}",
+            "-m",
+            "tasks.train",
+            str(spec_path),
+            str(result_path),
+        ]
     return [sys.executable, "-m", "tasks.train", str(spec_path), str(result_path)]
 
 
@@ -252,11 +277,15 @@ def train_adapter(
     on_line: Callable[[str], None] = print,
     on_progress: Callable[[dict], None] | None = None,
 ) -> AdapterRef:
-    """Return the stored adapter for this exact request, or train (resuming if possible) and store it."""
-    key = adapter_key(training_fingerprint(cfg, data, base))
-    stored = store.verified(f"{key}/adapter")
-    if stored is not None:
-        log.info("adapter %s already trained; reusing it", key)
+    """Return the stored adapter for this exact request, or train (resuming if possible) and store it.
+
+    The store's verified entry is the only training cache (no Prefect cache): an adapter that fails its check is
+    quarantined and trained again. One stored under an earlier fingerprint (code_lineage) is used as it is."""
+    fingerprints = training_fingerprints(cfg, data, base)
+    found = find_result(store, "adapter", fingerprints, lambda fp: store.verified(trained_adapter_key(fp)))
+    if found is not None:
+        fingerprint, stored = found
+        log.info("adapter %s already trained; reusing it", adapter_key(fingerprint))
         return AdapterRef.model_validate(store.as_uris(json.loads((stored / ADAPTER_REF_NAME).read_text())))
     if cfg.execution.isolate_gpu_stages:
         return run_training_in_child(cfg, data, base, on_line, on_progress)
@@ -272,17 +301,6 @@ def _child_main(spec_path: str, result_path: str) -> None:
     ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_path).write_text(ref.model_dump_json())
-
-
-def _cache_key(context, parameters) -> str:
-    """Content fingerprint, valid only while the adapter it names is still in the store."""
-    cfg, data, base = parameters["cfg"], parameters["data"], parameters["base"]
-    store = open_store(cfg.execution)
-    key = adapter_key(training_fingerprint(cfg, data, base))
-    # Prefect stores results under the cache key, so it must be a plain name, not a path.
-    if store.verified(f"{key}/adapter") is None:
-        return f"train-pending-{time.time_ns()}"
-    return "train-" + combine(store.root, key)[:32]
 
 
 def training_lock_name(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:
@@ -319,10 +337,11 @@ def train_adapter_exclusively(
         return train_adapter(cfg, store, data, base, on_line=on_line, on_progress=on_progress)
 
 
+# No Prefect cache: train_adapter's store lookup is the training cache (it verifies what it returns, and its
+# lock makes a second request wait for the first); a retry resumes from the stored checkpoints.
 @task(
     name="train_adapter",
-    cache_key_fn=_cache_key,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=1,
     retry_delay_seconds=30,
     retry_condition_fn=is_retryable,

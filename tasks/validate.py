@@ -11,6 +11,10 @@ entry. It is known only after the pass, so the pass writes into a staging direct
 pointer `cache/data-sources/<hash of the source bytes>.json` lets an unchanged file skip the
 pass entirely. Pass/fail is re-derived from report.json on every call, so thresholds can change
 without invalidating the cache. A cache hit reports the files of the run that produced it.
+The settings include the hash of the validation code. After an edit to it, the first pass compares its
+splits and quarantine with the entry an earlier version stored for the same files (qlora_flow.code_lineage,
+"validation"): byte-identical, that entry and its fingerprint are kept (the pointer is rewritten), so the
+adapter and everything trained on it stay cached.
 
 Tool calls (OpenAI `tool_calls`/`tool` turns, ShareGPT `function_call`/`observation` turns) are
 checked as turns of their own, then stored the way training sees them, as text any chat template
@@ -40,6 +44,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from qlora_flow import contracts, readers
+from qlora_flow.code_lineage import code_hashes, log_adoption
 from qlora_flow.config import ConfigError, DataConfig, PipelineConfig
 from qlora_flow.contracts import (
     CHECKS,
@@ -64,7 +69,6 @@ CHUNK_ROWS = 50_000
 MAX_EXAMPLES = 5
 _MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _SCHEMA = pa.schema([("messages", _MESSAGES_TYPE)])
-_CODE_FILES = (Path(contracts.__file__), Path(readers.__file__), Path(__file__))
 _OUTPUTS = ("train.parquet", "eval.parquet", "quarantine.jsonl")
 
 Messages = list[dict]
@@ -230,11 +234,10 @@ def _normalise(data: DataConfig, shape: str, rows: list[RawRow], text_cells: boo
     frame = pd.DataFrame(cells, index=list(records), columns=list(schema.columns), dtype=object)
     for case in failures(schema, frame):
         column = case.column
-        name = source_name.get(column, column)
         got = f"got {_got(case.value)}"
         if column not in records[case.index]:  # absent, not null: say what the row has instead (mixed shapes)
-            got = f"the row has no `{name}`; its fields: {', '.join(map(str, rows[case.index].value))}"
-        chunk.reject(case.index, case.check, name, f"{CHECKS[case.check]} ({got})")
+            got = f"the row has no `{source_name.get(column, column)}`; its fields: {', '.join(map(str, rows[case.index].value))}"
+        chunk.reject(case.index, case.check, source_name.get(column, column), f"{CHECKS[case.check]} ({got})")
     for i, record in records.items():
         if not chunk.reasons[i]:
             messages = _to_messages(shape, record)
@@ -284,10 +287,12 @@ def _check_turns(chunk: _Chunk, shape: str) -> None:
             cols["open_call_ids"].append(open_ids)
             if turn["role"] != "tool":
                 open_ids = frozenset(c.get("id") for c in calls if c.get("id") is not None) if calls else frozenset()
-    turns = pd.DataFrame({
-        k: pd.Series(v, dtype="int64" if k in ("row", "turn", "n_turns") else bool if k == "has_calls" else object)
-        for k, v in cols.items()
-    })  # fmt: skip
+    turns = pd.DataFrame(
+        {
+            k: pd.Series(v, dtype="int64" if k in ("row", "turn", "n_turns") else bool if k == "has_calls" else object)
+            for k, v in cols.items()
+        }
+    )
     prefix, names = _FIELD_NAMES.get(shape, ("messages", {}))
     for case in failures(TURNS, turns):
         turn = turns.loc[case.index]
@@ -493,23 +498,37 @@ def _tokenizer_identity(tokenizer) -> str:
     return combine(hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.chat_template)
 
 
-def _settings(cfg: PipelineConfig, tokenizer) -> str:
-    """Everything besides the rows that shapes the outputs; thresholds are left out on purpose."""
+def _settings(cfg: PipelineConfig, tokenizer) -> list[str]:
+    """Everything besides the rows that shapes the outputs; thresholds are left out on purpose. One per version
+    of the validation code: today's first, then earlier ones (qlora_flow.code_lineage)."""
     split = (
         {"eval_file": True}
         if cfg.data.eval_path
         else {"eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.split_seed}
     )
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in _CODE_FILES)).hexdigest()
     lengths = {"max_seq_length": cfg.training.max_seq_length, "overlength_policy": cfg.data.overlength_policy}
-    return combine(split, lengths, _tokenizer_identity(tokenizer), code)
+    tokenizer_identity = _tokenizer_identity(tokenizer)
+    return [combine(split, lengths, tokenizer_identity, code) for code in code_hashes("validation")]
 
 
-def _source_key(cfg: PipelineConfig, sources: list[_Source], settings: str) -> str:
-    """Pointer from the exact source bytes (and the config reading them) to the content fingerprint."""
+def _source_keys(cfg: PipelineConfig, sources: list[_Source], settings: list[str]) -> list[str]:
+    """Pointers from the exact source bytes (and the config reading them) to the content fingerprint, per settings."""
     files = [(s.split, hash_tree(s.path) if s.path.is_dir() else sha256_file(s.path)) for s in sources]
     reading = cfg.data.model_dump(include={"format", "column_mapping", "system_prompt"})
-    return data_source_key(combine(files, reading, settings))
+    return [data_source_key(combine(files, reading, one)) for one in settings]
+
+
+def _earlier_entry(store: ArtifactStore, earlier_source_keys: list[str], staging: Path) -> str | None:
+    """The fingerprint an earlier validation version stored for these sources, when its splits and quarantine
+    are byte for byte what today's pass wrote to staging."""
+    for source_key in earlier_source_keys:
+        if not store.exists(source_key):
+            continue
+        fingerprint = store.read_json(source_key)["fingerprint"]
+        stored = store.verified(data_key(fingerprint))
+        if stored is not None and all(sha256_file(stored / n) == sha256_file(staging / n) for n in _OUTPUTS):
+            return fingerprint
+    return None
 
 
 # ---------------------------------------------------------------- the validation pass
@@ -676,31 +695,41 @@ def _enforce(report: dict, data: DataConfig) -> None:
     raise DataValidationError("\n".join(lines), report["checks"] | verdicts, report)
 
 
+def _commit_pass(store: ArtifactStore, fingerprint: str, staging: Path, report: dict) -> None:
+    key = data_key(fingerprint)
+    workdir = store.workdir(key)
+    for name in _OUTPUTS:
+        shutil.move(staging / name, workdir / name)
+    report |= {
+        "fingerprint": fingerprint,
+        "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
+        "report_uri": store.uri(f"{key}/report.json"),
+    }
+    (workdir / "report.json").write_text(json.dumps(store.as_keys(report), indent=2, sort_keys=True))
+    # committed even when the run is about to fail: the quarantine must survive it
+    store.commit(key)
+
+
 def validate_dataset(cfg: PipelineConfig, store: ArtifactStore, tokenizer) -> ValidatedDataset:
     with ExitStack() as stack:
         sources = _sources(cfg, stack)
         settings = _settings(cfg, tokenizer)
-        source_key = _source_key(cfg, sources, settings)
+        source_key, *earlier_source_keys = _source_keys(cfg, sources, settings)
         fingerprint = store.read_json(source_key)["fingerprint"] if store.exists(source_key) else None
         if fingerprint is None or store.verified(data_key(fingerprint)) is None:
             # the fingerprint hashes every normalised row, so it is known only after the pass:
             # validate into a staging directory, then move the result under its key
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora-flow-validate-")))
             report = _validate_into(staging, cfg, sources, tokenizer)
-            fingerprint = combine(report["content_hash"], settings)
+            fingerprint = combine(report["content_hash"], settings[0])
             key = data_key(fingerprint)
             if store.verified(key) is None:  # else the same rows from another file or format: already done
-                workdir = store.workdir(key)
-                for name in _OUTPUTS:
-                    shutil.move(staging / name, workdir / name)
-                report |= {
-                    "fingerprint": fingerprint,
-                    "quarantine_uri": store.uri(f"{key}/quarantine.jsonl"),
-                    "report_uri": store.uri(f"{key}/report.json"),
-                }
-                (workdir / "report.json").write_text(json.dumps(store.as_keys(report), indent=2, sort_keys=True))
-                # committed even when the run is about to fail: the quarantine must survive it
-                store.commit(key)
+                earlier = _earlier_entry(store, earlier_source_keys, staging)
+                if earlier is not None:  # an earlier validation version stored exactly these files
+                    log_adoption("data", earlier, fingerprint, store.uri(source_key))
+                    fingerprint = earlier
+                else:
+                    _commit_pass(store, fingerprint, staging, report)
             store.write_json(source_key, {"fingerprint": fingerprint})
     key = data_key(fingerprint)
     report = store.as_uris(store.read_json(f"{key}/report.json"))

@@ -86,9 +86,14 @@ def test_local_model_artifact_is_the_exact_pull_command(tmp_path):
     cfg = load_config(None, {"publish.model_name": "extractor", "execution.store": str(tmp_path / "store")})
     store = LocalStore(tmp_path / "store")
     published = PublishedModel(
-        run_uri=store.uri("runs/r1"), manifest_uri=store.uri("runs/r1/manifest.json"), model_uri=store.uri("runs/r1/model"),
-        alias_uri=store.uri("models/extractor/production.json"), alias_moved=True, files=3, total_bytes=2_500_000,
-    )  # fmt: skip
+        run_uri=store.uri("runs/r1"),
+        manifest_uri=store.uri("runs/r1/manifest.json"),
+        model_uri=store.uri("runs/r1/model"),
+        alias_uri=store.uri("models/extractor/production.json"),
+        alias_moved=True,
+        files=3,
+        total_bytes=2_500_000,
+    )
     markdown = artifacts.model_markdown(cfg, store, "r1", published)
     command = next(line for line in markdown.splitlines() if line.startswith("qlora-flow pull"))
     assert shlex.split(command) == [
@@ -118,9 +123,14 @@ def test_s3_links_are_presigned_urls_a_browser_can_open(s3env, tmp_path):
     manifest_uri = store.uri("runs/run-s3/manifest.json")
     store.write_bytes("runs/run-s3/manifest.json", b'{"run_id": "run-s3"}')
     published = PublishedModel(
-        run_uri=store.uri("runs/run-s3"), manifest_uri=manifest_uri, model_uri=store.uri("runs/run-s3/model"),
-        alias_uri=None, alias_moved=True, files=1, total_bytes=10,
-    )  # fmt: skip
+        run_uri=store.uri("runs/run-s3"),
+        manifest_uri=manifest_uri,
+        model_uri=store.uri("runs/run-s3/model"),
+        alias_uri=None,
+        alias_moved=True,
+        files=1,
+        total_bytes=10,
+    )
     cfg = load_config(None, {"publish.model_name": "extractor"})
     markdown = artifacts.model_markdown(cfg, store, "run-s3", published)
     command = next(line for line in markdown.splitlines() if line.startswith("qlora-flow pull"))

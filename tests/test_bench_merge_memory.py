@@ -15,8 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_tiny_merge_is_measured_and_committed(tmp_path):
-    cmd = [sys.executable, "bench/merge_memory.py", "--shape", "tiny", "--device", "cpu", "--root", str(tmp_path / "store"),
-           "--prompts", "2", "--max-new-tokens", "8"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "bench/merge_memory.py",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--root",
+        str(tmp_path / "store"),
+        "--prompts",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)}
     )

@@ -17,10 +17,15 @@ from bench import render_table, train_gpu
 
 
 def test_prune_drops_image_packages_but_not_packages_whose_names_start_alike(tmp_path):
-    names = ["jinja2-3.1.6-py3-none-any.whl", "jinja2_humanize_extension-0.4.0-py3-none-any.whl",
-             "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl", "torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl",
-             "nvidia_cublas_cu12-12.4.5.8-py3-none-manylinux2014_x86_64.whl", "filelock-3.20.0-py3-none-any.whl",
-             "prefect-3.4.0-py3-none-any.whl"]  # fmt: skip
+    names = [
+        "jinja2-3.1.6-py3-none-any.whl",
+        "jinja2_humanize_extension-0.4.0-py3-none-any.whl",
+        "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+        "torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl",
+        "nvidia_cublas_cu12-12.4.5.8-py3-none-manylinux2014_x86_64.whl",
+        "filelock-3.20.0-py3-none-any.whl",
+        "prefect-3.4.0-py3-none-any.whl",
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"")
     subprocess.run(["bash", "bench/fetch_wheels.sh", "prune", str(tmp_path)], cwd=ROOT, check=True, timeout=30)
@@ -45,10 +50,16 @@ def _row(profile, workload="W1", tokens=100.0, budget=None):
 
 
 def test_ratios_pair_unsloth_by_workload_and_budget_and_seed_by_workload():
-    rows = render_table.with_ratios([
-        _row("seed", tokens=50.0), _row("unsloth", tokens=100.0), _row("unsloth16", tokens=80.0, budget=16.0),
-        _row("ours", tokens=150.0), _row("budget16", tokens=60.0, budget=16.0), _row("ours", "W2", 300.0),
-    ])  # fmt: skip
+    rows = render_table.with_ratios(
+        [
+            _row("seed", tokens=50.0),
+            _row("unsloth", tokens=100.0),
+            _row("unsloth16", tokens=80.0, budget=16.0),
+            _row("ours", tokens=150.0),
+            _row("budget16", tokens=60.0, budget=16.0),
+            _row("ours", "W2", 300.0),
+        ]
+    )
     by = {(r["workload"], r["profile"]): r for r in rows}
     assert by["W1", "ours"]["vs_unsloth"] == 1.5 and by["W1", "ours"]["vs_seed"] == 3.0
     assert by["W1", "budget16"]["vs_unsloth"] == 0.75 and by["W1", "budget16"]["vs_seed"] == 1.2
@@ -70,7 +81,12 @@ def test_profile_names_give_budget_and_family():
         7.0,
     ]
     assert [train_gpu.family_of(p) for p in ("seed", "baseline+prof", "unsloth40", "budget40", "ours+ddp")] == [
-        "seed", "baseline", "unsloth", "ours", "ours"]  # fmt: skip
+        "seed",
+        "baseline",
+        "unsloth",
+        "ours",
+        "ours",
+    ]
 
 
 def _fake_child(tmp_path, fits_up_to: int) -> list[str]:
@@ -89,10 +105,13 @@ def _fake_child(tmp_path, fits_up_to: int) -> list[str]:
     return [sys.executable, str(script)]
 
 
-@pytest.mark.parametrize(("profile", "fits", "expected"), [
-    ("unsloth7", 4, {"profile": "unsloth7", "micro_batch": 4, "out_of_memory_micro_batches": [16, 8]}),
-    ("budget16", 4, {"profile": "budget16"}),  # ours is planned to fit: an out-of-memory failure is reported
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("profile", "fits", "expected"),
+    [
+        ("unsloth7", 4, {"profile": "unsloth7", "micro_batch": 4, "out_of_memory_micro_batches": [16, 8]}),
+        ("budget16", 4, {"profile": "budget16"}),  # ours is planned to fit: an out-of-memory failure is reported
+    ],
+)
 def test_unsloth_rows_halve_the_micro_batch_after_running_out_of_memory(tmp_path, monkeypatch, profile, fits, expected):
     child = _fake_child(tmp_path, fits)
     monkeypatch.setattr(train_gpu, "_child_command", lambda args, workload, p: [*child, p])

@@ -161,8 +161,12 @@ def s3_with_auth():
             os.environ.pop("INITIAL_NO_AUTH_ACTION_COUNT")
         else:
             os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = previous
-    anonymous = dict(endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="AKIASETUP00000000000",
-                     aws_secret_access_key="setup")  # fmt: skip
+    anonymous = dict(
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="AKIASETUP00000000000",
+        aws_secret_access_key="setup",
+    )
     iam = boto3.client("iam", **anonymous)
     iam.create_user(UserName="pipeline")
     key = iam.create_access_key(UserName="pipeline")["AccessKey"]

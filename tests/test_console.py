@@ -92,10 +92,14 @@ def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
     from qlora_flow import cli
 
     result = SimpleNamespace(
-        run_id="r1", status="rejected", message="quality gate failed: exact match",
+        run_id="r1",
+        status="rejected",
+        message="quality gate failed: exact match",
         report=SimpleNamespace(base_metrics={"loss": 2.0}, tuned_metrics={"loss": 1.0}),
-        adapter=SimpleNamespace(uri="/a"), merged=None, published=None,
-    )  # fmt: skip
+        adapter=SimpleNamespace(uri="/a"),
+        merged=None,
+        published=None,
+    )
     monkeypatch.setattr(
         flows.pipeline, "qlora_pipeline", lambda cfg, return_state: Failed(name="Rejected", data=result)
     )
@@ -116,8 +120,13 @@ def test_cli_run_prints_stage_progress_and_no_noise(tiny_config, tmp_path):
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a shared, busy CI box
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_flow.cli", "run", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     steps = tiny_config.training.max_steps

@@ -42,8 +42,16 @@ def stack(tmp_path_factory):
 
 def _execute(env: dict, *run_ids) -> None:
     """Run flow runs the way a process worker does, side by side; each ends Failed (no data file)."""
-    procs = [subprocess.Popen([PREFECT, "flow-run", "execute", str(i)], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in run_ids]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [PREFECT, "flow-run", "execute", str(i)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in run_ids
+    ]
     for proc in procs:
         proc.wait(timeout=300)
 
@@ -51,8 +59,11 @@ def _execute(env: dict, *run_ids) -> None:
 def _resolved(run_id) -> tuple[str, dict]:
     """(summary line, config) from the run's `resolved-config` artifact."""
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=["resolved-config"])))  # fmt: skip
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=["resolved-config"])
+            )
+        )
     return artifact.description, yaml.safe_load(re.search(r"```yaml\n(.*)```", artifact.data, re.DOTALL).group(1))
 
 
@@ -68,10 +79,21 @@ def test_run_form_defaults_are_the_deployment_config(stack):
 def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(stack):
     env, cfg, _ = stack
     cli = subprocess.run(
-        [PREFECT, "deployment", "run", MANUAL, "-p", 'config={"training": {"max_steps": 10}}',
-         "-p", 'overrides={"lora.r": 8}'],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            MANUAL,
+            "-p",
+            'config={"training": {"max_steps": 10}}',
+            "-p",
+            'overrides={"lora.r": 8}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     cli_run = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout).group(1)
     client_run = run_deployment(
         MANUAL, parameters={"config": {"evaluation": {"gate": {"min_exact_match": 0.9}}}}, timeout=0
@@ -83,8 +105,11 @@ def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(st
     expected = cfg.model_dump(mode="json")
     summary, resolved = _resolved(cli_run)
     assert summary.endswith("changed: lora.r=8, training.max_steps=10")
-    assert resolved == {**expected, "lora": {**expected["lora"], "r": 8},
-                        "training": {**expected["training"], "max_steps": 10}}  # fmt: skip
+    assert resolved == {
+        **expected,
+        "lora": {**expected["lora"], "r": 8},
+        "training": {**expected["training"], "max_steps": 10},
+    }
     assert resolved["lora"]["dropout"] == 0.0 and resolved["publish"]["model_name"] == "demo-order-extractor"
 
     summary, resolved = _resolved(client_run)
@@ -114,7 +139,12 @@ def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(st
 
 def test_a_bad_key_in_config_is_refused_when_the_run_is_created(stack):
     env, _, _ = stack
-    cli = subprocess.run([PREFECT, "deployment", "run", MANUAL, "-p", 'config={"training": {"max_step": 10}}'],
-                         env=env, capture_output=True, text=True, check=False)  # fmt: skip
+    cli = subprocess.run(
+        [PREFECT, "deployment", "run", MANUAL, "-p", 'config={"training": {"max_step": 10}}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert cli.returncode == 1
     assert "'config.training'" in cli.stdout and "'max_step' was unexpected" in " ".join(cli.stdout.split())

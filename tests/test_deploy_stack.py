@@ -50,12 +50,18 @@ def stack(tmp_path_factory) -> Stack:
     home = tmp_path_factory.mktemp("stack")
     data = home / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(40)))
-    tiny = load_config(None, {
-        **tiny_overrides(home, data, build_tiny_model_dir(home / "tiny-model")),
-        # the worker runs it with every test of the module waiting: fewer steps, samples and tokens
-        "training.max_steps": 4, "evaluation.max_generation_samples": 2, "evaluation.max_new_tokens": 8,
-        "merge.verify_prompts": 1, "publish.model_name": MODEL,
-    })  # fmt: skip
+    tiny = load_config(
+        None,
+        {
+            **tiny_overrides(home, data, build_tiny_model_dir(home / "tiny-model")),
+            # the worker runs it with every test of the module waiting: fewer steps, samples and tokens
+            "training.max_steps": 4,
+            "evaluation.max_generation_samples": 2,
+            "evaluation.max_new_tokens": 8,
+            "merge.verify_prompts": 1,
+            "publish.model_name": MODEL,
+        },
+    )
     port = free_port()
     with prefect_server(home / "prefect", port, home / "server.log") as env, api_of(env):
         ids = register(load_config(ROOT / "configs" / "demo.yaml"), k8s_image=K8S_IMAGE)
@@ -91,10 +97,11 @@ def _published_events(run: FlowRun, timeout_s: float = 60) -> list:
     with get_client(sync_client=True) as client:
         while True:
             page = client.read_events(
-                filter=EventFilter(event=EventNameFilter(name=["model.published"]),
-                                   occurred=EventOccurredFilter(since=run.start_time)),
+                filter=EventFilter(
+                    event=EventNameFilter(name=["model.published"]), occurred=EventOccurredFilter(since=run.start_time)
+                ),
                 limit=50,  # the server's page maximum
-            )  # fmt: skip
+            )
             found = [e for e in page.events if e.payload.get("model") == MODEL]
             if found or time.monotonic() > deadline:
                 return found
@@ -187,9 +194,17 @@ def test_ui_shows_the_evaluation_report(stack: Stack, manual_run: FlowRun):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{stack.port}/runs/flow-run/{manual_run.id}", wait_until="networkidle")
@@ -212,8 +227,9 @@ def test_rejection_event_pauses_the_schedule(stack: Stack, manual_run: FlowRun):
 
     # what a rejected run of the deployments' (demo) config emits from the worker's directory
     resource = model_resource(load_config(ROOT / "configs" / "demo.yaml"), ROOT)
-    emit_event(event="model.rejected", resource=resource,
-               payload={"run_id": "test", "reasons": ["tuned loss above base loss"]})  # fmt: skip
+    emit_event(
+        event="model.rejected", resource=resource, payload={"run_id": "test", "reasons": ["tuned loss above base loss"]}
+    )
     deadline = time.monotonic() + 90
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:

@@ -148,9 +148,13 @@ def test_flows_give_s3_its_configured_retries_and_the_cli_one(s3env, tmp_path):
     from qlora_flow.config import load_config
     from qlora_flow.preflight import check_s3_locations
 
-    cfg = load_config(None, {
-        "execution.store": f"s3://{s3env.bucket}/store", "execution.s3": s3env.settings(max_attempts=4).model_dump(),
-    })  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "execution.store": f"s3://{s3env.bucket}/store",
+            "execution.s3": s3env.settings(max_attempts=4).model_dump(),
+        },
+    )
     check_s3_locations(cfg)  # the endpoint answers: nothing to report
     s3env.proxy.dark = True  # every connection is closed unanswered
     for quick, attempts in ((True, 2), (False, 4)):

@@ -110,3 +110,27 @@ def test_gate_failure_ends_rejected_without_moving_alias(prefect_server, tiny_co
     assert result.status == "rejected" and result.merged is None and result.published is None
     store = LocalStore(cfg.execution.store)
     assert not store.exists(f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json")
+
+
+def test_bad_data_fails_the_run_before_the_base_is_prepared(prefect_server, tiny_config, tmp_path, monkeypatch):
+    """A first run downloads and quantizes the base for minutes; a flow cannot stop that stage once it runs in
+    one of its threads, so bad data must fail the run before base preparation starts, not after it."""
+    import time
+
+    import tasks.prepare_base
+    from flows.pipeline import qlora_pipeline
+
+    started_base = []
+    monkeypatch.setattr(
+        tasks.prepare_base, "prepare_base_model", lambda *a: started_base.append(time.sleep(60)) or pytest.fail()
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join('{"messages": [{"role": "user", "content": "hi"}]}\n' for _ in range(20)))
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.train_path = str(bad)
+    cfg.data.eval_path = None
+
+    began = time.monotonic()
+    state = qlora_pipeline(cfg, return_state=True)
+    assert state.is_failed() and "dataset validation failed" in state.message
+    assert started_base == [] and time.monotonic() - began < 45

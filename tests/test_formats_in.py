@@ -29,8 +29,12 @@ def store(tmp_path):
 
 
 def cfg_for(tmp_path, path: Path, **data):
-    values = {"data.train_path": str(path), "data.min_train_rows": 1, "training.max_seq_length": 256,
-              "execution.store": str(tmp_path / "store")}  # fmt: skip
+    values = {
+        "data.train_path": str(path),
+        "data.min_train_rows": 1,
+        "training.max_seq_length": 256,
+        "execution.store": str(tmp_path / "store"),
+    }
     values.update({f"data.{k}": v for k, v in data.items()})
     return load_config(None, values)
 
@@ -43,41 +47,70 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def tool_rows_openai(n: int) -> list[dict]:
     rows = []
     for i in range(n):
-        rows.append({"messages": [
-            {"role": "system", "content": "You can call get_weather."},
-            {"role": "user", "content": f"Weather in Oslo, question {i}?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS)}},
-                {"id": f"call_{i}b", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS)}},
-            ]},
-            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{i} degrees"},
-            {"role": "tool", "content": "cloudy"},  # no id: allowed, it follows the call
-            {"role": "assistant", "content": f"It is {i} degrees and cloudy."},
-        ]})  # fmt: skip
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You can call get_weather."},
+                    {"role": "user", "content": f"Weather in Oslo, question {i}?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": f"call_{i}",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": json.dumps(ARGS)},
+                            },
+                            {
+                                "id": f"call_{i}b",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": json.dumps(ARGS)},
+                            },
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{i} degrees"},
+                    {"role": "tool", "content": "cloudy"},  # no id: allowed, it follows the call
+                    {"role": "assistant", "content": f"It is {i} degrees and cloudy."},
+                ]
+            }
+        )
     return rows
 
 
 def tool_rows_sharegpt(n: int) -> list[dict]:
     call = {"name": "get_weather", "arguments": ARGS}
-    return [{"conversations": [
-        {"from": "system", "value": "You can call get_weather."},
-        {"from": "human", "value": f"Weather in Oslo, question {i}?"},
-        {"from": "function_call", "value": json.dumps([call, call])},
-        {"from": "observation", "value": f"{i} degrees"},
-        {"from": "tool", "value": "cloudy"},
-        {"from": "gpt", "value": f"It is {i} degrees and cloudy."},
-    ]} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "conversations": [
+                {"from": "system", "value": "You can call get_weather."},
+                {"from": "human", "value": f"Weather in Oslo, question {i}?"},
+                {"from": "function_call", "value": json.dumps([call, call])},
+                {"from": "observation", "value": f"{i} degrees"},
+                {"from": "tool", "value": "cloudy"},
+                {"from": "gpt", "value": f"It is {i} degrees and cloudy."},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def tool_rows_folded(n: int) -> list[dict]:
     """What training sees: the documented serialisation, written by hand as plain messages."""
-    return [{"messages": [
-        {"role": "system", "content": "You can call get_weather."},
-        {"role": "user", "content": f"Weather in Oslo, question {i}?"},
-        {"role": "assistant", "content": CALL_TEXT + "\n" + CALL_TEXT},
-        {"role": "user", "content": f"<tool_response>\n{i} degrees\n</tool_response>\n<tool_response>\ncloudy\n</tool_response>"},
-        {"role": "assistant", "content": f"It is {i} degrees and cloudy."},
-    ]} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You can call get_weather."},
+                {"role": "user", "content": f"Weather in Oslo, question {i}?"},
+                {"role": "assistant", "content": CALL_TEXT + "\n" + CALL_TEXT},
+                {
+                    "role": "user",
+                    "content": f"<tool_response>\n{i} degrees\n</tool_response>\n<tool_response>\ncloudy\n</tool_response>",
+                },
+                {"role": "assistant", "content": f"It is {i} degrees and cloudy."},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def as_sharegpt(row: dict) -> dict:
@@ -137,14 +170,22 @@ def test_malformed_sharegpt_rows_are_quarantined_with_their_check(tmp_path, stor
             {"from": "gpt", "value": "Yes"},
         ]
     }
-    result_without_call = {"conversations": [
-        {"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "Let me look."},
-        {"from": "observation", "value": "5 degrees"}, {"from": "gpt", "value": "5 degrees."},
-    ]}  # fmt: skip
-    bad_call = {"conversations": [
-        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "get_weather(Oslo)"},
-        {"from": "observation", "value": "5 degrees"}, {"from": "gpt", "value": "5 degrees."},
-    ]}  # fmt: skip
+    result_without_call = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "gpt", "value": "Let me look."},
+            {"from": "observation", "value": "5 degrees"},
+            {"from": "gpt", "value": "5 degrees."},
+        ]
+    }
+    bad_call = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "function_call", "value": "get_weather(Oslo)"},
+            {"from": "observation", "value": "5 degrees"},
+            {"from": "gpt", "value": "5 degrees."},
+        ]
+    }
     not_a_list = {"conversations": "human: hi"}
     found = quarantined(
         tmp_path, store, tokenizer, good + [unknown_from, gpt_first, result_without_call, bad_call, not_a_list]
@@ -160,10 +201,13 @@ def test_malformed_sharegpt_rows_are_quarantined_with_their_check(tmp_path, stor
 
 def test_malformed_openai_tool_rows_are_quarantined_with_their_check(tmp_path, store, tokenizer):
     good = tool_rows_openai(12)
-    result_without_call = {"messages": [
-        {"role": "user", "content": "Weather?"}, {"role": "tool", "content": "5 degrees"},
-        {"role": "assistant", "content": "5 degrees."},
-    ]}  # fmt: skip
+    result_without_call = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "tool", "content": "5 degrees"},
+            {"role": "assistant", "content": "5 degrees."},
+        ]
+    }
     wrong_id = json.loads(json.dumps(good[0]))
     wrong_id["messages"][3]["tool_call_id"] = "call_99"
     bad_arguments = json.loads(json.dumps(good[1]))

@@ -37,9 +37,12 @@ def _report(store) -> EvalReport:
     store.write_bytes("cache/eval/t/samples.jsonl", b"{}\n")
     store.commit("cache/eval/t")
     return EvalReport(
-        uri=store.uri("cache/eval/t/report.json"), base_metrics={"loss": 2.0}, tuned_metrics={"loss": 1.0},
-        samples_uri=store.uri("cache/eval/t/samples.jsonl"), verdict=GateVerdict(passed=True, reasons=[]),
-    )  # fmt: skip
+        uri=store.uri("cache/eval/t/report.json"),
+        base_metrics={"loss": 2.0},
+        tuned_metrics={"loss": 1.0},
+        samples_uri=store.uri("cache/eval/t/samples.jsonl"),
+        verdict=GateVerdict(passed=True, reasons=[]),
+    )
 
 
 def _pull(store_root: Path, dest: Path, *flags: str) -> Path:
@@ -138,12 +141,20 @@ def test_unsupported_architecture_fails_with_one_line_and_writes_nothing(tiny_mo
     ("pre_tokenizer", "name"),
     [
         ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt-2"),
-        ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}, "smollm"),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+                ],
+            },
+            "smollm",
+        ),
         ({"type": "Metaspace"}, None),
         ({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}, None),
     ],
-)  # fmt: skip
+)
 def test_pre_tokenizer_names_llama_cpp_knows(pre_tokenizer, name):
     if name is None:
         with pytest.raises(GgufExportError, match="no llama.cpp name"):
@@ -165,8 +176,10 @@ def test_demo_config_smollm2_exports_an_f16_gguf_with_the_same_greedy_answers(tm
 
     root = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(root)
-    cfg = load_config(root / "configs/demo.yaml", {"execution.store": str(tmp_path / "store"), "merge.verify_prompts": 2,
-                                                   "evaluation.max_new_tokens": 24})  # fmt: skip
+    cfg = load_config(
+        root / "configs/demo.yaml",
+        {"execution.store": str(tmp_path / "store"), "merge.verify_prompts": 2, "evaluation.max_new_tokens": 24},
+    )
     assert "f16" in cfg.export.gguf
     cfg.export.gguf = ["f16"]
     store = LocalStore(cfg.execution.store)

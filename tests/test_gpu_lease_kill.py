@@ -27,8 +27,14 @@ class Run:
     """A `gpu_lease_holder.py` process in its own process group (with the ephemeral server it may start)."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, str(HOLDER), HOST], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HOLDER), HOST],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -97,8 +103,11 @@ def check_killed_holder_frees_the_gpu(env: dict[str, str], locks: Path) -> Run:
 @pytest.mark.slow  # two ephemeral servers start on fresh databases: 90 s on a busy 2-core box
 def test_a_killed_holder_frees_its_gpu_on_the_ephemeral_api(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="150")  # a fresh database on a busy CI box  # fmt: skip
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="150",
+    )  # a fresh database on a busy CI box
     check_killed_holder_frees_the_gpu(env, tmp_path / "locks")
 
 

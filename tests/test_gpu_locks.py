@@ -19,10 +19,71 @@ from qlora_flow.gpu_locks import LOCK_DIR_ENV, hold_gpus, holder_path, lock_dir,
 ROOT = Path(__file__).resolve().parent.parent
 
 
+REAL_UUIDS_BY_INDEX = gpu_locks._uuids_by_index
+
+
 @pytest.fixture(autouse=True)
 def private_lock_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+    # GPUs named by index, whatever this machine has: the UUID tests below bring their own nvidia-smi
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpu_locks, "_uuids_by_index", lambda: {})
     return tmp_path / "locks"
+
+
+def _taken_within(seconds: float) -> bool:
+    """Whether a one-GPU lease of host h can be taken (in another thread) within `seconds`; gives it back."""
+    got, stop = threading.Event(), threading.Event()
+
+    def lease() -> None:
+        try:
+            with hold_gpus("h", 1, 1, cancel=stop):
+                got.set()
+        except gpu_locks.LeaseCancelled:
+            pass
+
+    thread = threading.Thread(target=lease)
+    thread.start()
+    taken = got.wait(seconds)
+    stop.set()
+    thread.join(10)
+    return taken
+
+
+def test_workers_with_different_visible_gpus_do_not_wait_for_each_other_but_never_share_one(monkeypatch):
+    """A worker per GPU (CUDA_VISIBLE_DEVICES=0 / =1) sees "GPU 0" in both: the locks name physical GPUs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with hold_gpus("h", 1, 1):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        assert _taken_within(5)  # another physical GPU: free
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1")
+        with hold_gpus("h", 2, 1) as ids:  # index 1 here is physical 1, held above: it gets index 0 (physical 2)
+            assert ids == [0]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+        assert not _taken_within(0.5)  # the same physical GPU under the same name: waits
+
+
+def test_a_gpu_named_by_uuid_or_index_is_one_lock(monkeypatch, tmp_path, private_lock_dir):
+    """With nvidia-smi, locks are named by UUID: CUDA_VISIBLE_DEVICES=1 and =GPU-bbbb (a UUID prefix, as CUDA
+    accepts) are the same GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0, GPU-aaaa-1111\\n1, GPU-bbbb-2222\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(gpu_locks, "_uuids_by_index", REAL_UUIDS_BY_INDEX)
+    REAL_UUIDS_BY_INDEX.cache_clear()
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+        with hold_gpus("h", 1, 1):
+            assert [p.name for p in private_lock_dir.glob("*.lock")] == ["gpu-h-GPU-bbbb-2222.lock"]
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+            assert not _taken_within(0.5)
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+            assert _taken_within(5)
+    finally:
+        REAL_UUIDS_BY_INDEX.cache_clear()
 
 
 def test_lock_dir_is_per_user_unless_configured(monkeypatch, tmp_path):
@@ -149,8 +210,18 @@ def test_two_pair_leases_and_a_single_lease_on_four_gpus_neither_deadlock_nor_ov
                 for index in ids:
                     intervals[index].append((start, end, name))
 
-    threads = [threading.Thread(target=requester, args=(name, need, 10)) for name, need in
-               [("pair-a", 2, ), ("pair-b", 2), ("single", 1), ("pair-c", 2)]]  # fmt: skip
+    threads = [
+        threading.Thread(target=requester, args=(name, need, 10))
+        for name, need in [
+            (
+                "pair-a",
+                2,
+            ),
+            ("pair-b", 2),
+            ("single", 1),
+            ("pair-c", 2),
+        ]
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -16,6 +16,7 @@ def test_cache_keys_are_the_ones_earlier_releases_wrote():
     assert layout.cache_key("merged", FP) == "cache/merged/0123456789abcdef01234567"
     assert layout.data_key(FP) == f"cache/data/{FP}"  # the full fingerprint, unlike the other caches
     assert layout.data_source_key("abc") == "cache/data-sources/abc.json"
+    assert layout.adoption_key("adapter", FP) == "cache/adopted/adapter/0123456789abcdef01234567.json"
     assert layout.base_full_key(FP) == "cache/base/0123456789abcdef01234567/full"
     assert layout.base_nf4_key(FP, "fedcba9876543210" * 4) == "cache/base/0123456789abcdef01234567/nf4-fedcba9876543210"
 

@@ -27,9 +27,13 @@ SCRIPT = ROOT / "scripts" / "local_stack.sh"
 def _script(home: Path, port: int, **popen) -> subprocess.Popen:
     env = {**os.environ, "PORT": str(port), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        ["bash", str(SCRIPT), "--home", str(home)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, **popen,
-    )  # fmt: skip
+        ["bash", str(SCRIPT), "--home", str(home)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def test_busy_port_is_an_error_before_any_success_line(tmp_path):

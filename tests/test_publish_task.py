@@ -121,10 +121,16 @@ def test_credentials_from_secret_block_never_leak(prefect_api, s3env, chat_jsonl
 
 
 def _fixed_name_config(chat_jsonl, tmp_path):
-    return load_config(None, {
-        "data.train_path": str(chat_jsonl), "publish.model_name": "extractor", "execution.run_name": "nightly",
-        "execution.store": str(tmp_path / "store"), "execution.local_cache": str(tmp_path / "cache"),
-    })  # fmt: skip
+    return load_config(
+        None,
+        {
+            "data.train_path": str(chat_jsonl),
+            "publish.model_name": "extractor",
+            "execution.run_name": "nightly",
+            "execution.store": str(tmp_path / "store"),
+            "execution.local_cache": str(tmp_path / "cache"),
+        },
+    )
 
 
 def test_fixed_run_name_of_a_published_run_is_refused_before_any_stage(prefect_api, chat_jsonl, tmp_path, monkeypatch):

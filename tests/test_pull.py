@@ -153,3 +153,33 @@ def test_cli_pull_reports_what_it_checked_and_restored(chat_jsonl, tmp_path):
 
     third = pull()
     assert third.stdout.strip() == "ok: extractor:production -> served (4 files checked, all match the manifest)"
+
+
+def test_stored_and_pulled_files_are_readable_by_others_under_the_usual_umask(s3env, chat_jsonl, tmp_path):
+    """A serving process often runs as another user: files must get 0666/0777 less the umask (0644/0755 under
+    022), not the 0600/0700 of Python's temporary files, which a write-then-rename would keep."""
+    import os
+    import stat
+
+    from qlora_flow.store import LocalStore
+
+    def modes(root):
+        return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+    previous = os.umask(0o022)
+    try:
+        cfg = load_config(None, {"data.train_path": str(chat_jsonl), "publish.model_name": "extractor"})
+        local = LocalStore(tmp_path / "store")
+        publish_run(cfg, local, "run-1", **stage_run(local, "run-1").refs)
+        s3 = s3env.store(tmp_path / "cache")
+        publish_run(cfg, s3, "run-1", **stage_run(s3, "run-1").refs)
+        pulled_local = pull_model(str(tmp_path / "store"), "extractor", "production", tmp_path / "served-local")
+        pulled_s3 = _pull(s3env, tmp_path / "served-s3")
+    finally:
+        os.umask(previous)
+
+    for root in (tmp_path / "store", pulled_local, pulled_s3):
+        found = modes(root)
+        assert "manifest.json" in found or any(k.endswith("manifest.json") for k in found)
+        wrong = {rel: oct(mode) for rel, mode in found.items() if mode not in (0o644, 0o755)}
+        assert wrong == {}, f"{root}: {wrong}"

@@ -47,8 +47,10 @@ def test_changed_data_or_base_triggers_retraining(tiny_config, chat_jsonl):
     assert not decide(tiny_config, current).retrain
 
     with chat_jsonl.open("a") as fh:
-        fh.write(json.dumps({"messages": [{"role": "user", "content": "new row"},
-                                          {"role": "assistant", "content": "{}"}]}) + "\n")  # fmt: skip
+        fh.write(
+            json.dumps({"messages": [{"role": "user", "content": "new row"}, {"role": "assistant", "content": "{}"}]})
+            + "\n"
+        )
     changed = current_fingerprints.fn(tiny_config)
     assert changed.data != current.data and changed.base == current.base
     decision = decide(tiny_config, changed)

@@ -30,8 +30,10 @@ def test_fragment_and_overrides_apply_on_the_deployment_config(deployed):
     # everything else is the deployment's, not PipelineConfig's defaults (512, 0.05, demo-extractor)
     assert (cfg.training.max_seq_length, cfg.lora.dropout, cfg.publish.model_name) == (256, 0.0, "orders")
     assert resolved.changed == {"training.max_steps": 10, "lora.r": 8, "evaluation.gate.min_exact_match": 0.5}
-    assert describe(resolved) == ("config: deployment qlora-finetune/manual's config, changed: "
-                                  "evaluation.gate.min_exact_match=0.5, lora.r=8, training.max_steps=10")  # fmt: skip
+    assert describe(resolved) == (
+        "config: deployment qlora-finetune/manual's config, changed: "
+        "evaluation.gate.min_exact_match=0.5, lora.r=8, training.max_steps=10"
+    )
     assert DEPLOYED["lora"]["r"] == 16 and fragment == {"training": {"max_steps": 10}}  # inputs untouched
 
 

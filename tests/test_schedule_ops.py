@@ -49,8 +49,9 @@ def _variant(cfg: PipelineConfig, **changes) -> PipelineConfig:
 
 def _reject(cfg: PipelineConfig, run_id: str, reasons: list[str]):
     """The event tasks/evaluate.py emits when a candidate fails the gate (flow runs start in ROOT)."""
-    return emit_event(event="model.rejected", resource=model_resource(cfg, ROOT),
-                      payload={"run_id": run_id, "reasons": reasons})  # fmt: skip
+    return emit_event(
+        event="model.rejected", resource=model_resource(cfg, ROOT), payload={"run_id": run_id, "reasons": reasons}
+    )
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -80,9 +81,13 @@ def test_only_a_production_rejection_pauses_and_status_says_why_then_resume(stac
         _wait(lambda: client.read_deployment(ids[SCHEDULED]).paused, "the automation to pause the schedule")
 
         def triggered_by() -> list[str]:
-            page = client.read_events(filter=EventFilter(
-                event=EventNameFilter(name=["prefect.automation.triggered"]),
-                resource=EventResourceFilter(labels={"prefect.resource.name": AUTOMATION})), limit=50)  # fmt: skip
+            page = client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=["prefect.automation.triggered"]),
+                    resource=EventResourceFilter(labels={"prefect.resource.name": AUTOMATION}),
+                ),
+                limit=50,
+            )
             return [e.payload["triggering_event"]["id"] for e in page.events]
 
         # the other rejections were emitted (and evaluated) first: had one matched, it would be here too
@@ -116,8 +121,10 @@ def test_a_pause_by_hand_is_reported_as_such(stack):
     env, _, ids = stack
     with get_client(sync_client=True) as client:
         client.pause_deployment(ids[SCHEDULED])
-    lines = _wait(lambda: "by hand" in (out := _cli(env, "schedule", "status", MODEL).stdout) and out.splitlines(),
-                  "the pause event")  # fmt: skip
+    lines = _wait(
+        lambda: "by hand" in (out := _cli(env, "schedule", "status", MODEL).stdout) and out.splitlines(),
+        "the pause event",
+    )
     assert "PAUSED" in lines[0] and "by hand (UI, API or `prefect` CLI), not by an automation" in lines[1]
     assert _cli(env, "schedule", "resume", MODEL).returncode == 0
     with get_client(sync_client=True) as client:

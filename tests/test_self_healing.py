@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from qlora_flow.store import LocalStore
 from tasks.prepare_base import prepare_base_model
-from tasks.train import _cache_key, adapter_key, newest_complete_checkpoint, train_adapter
+from tasks.train import adapter_key, newest_complete_checkpoint, train_adapter
 
 
 def _damage(path: Path, how: str) -> None:
@@ -90,16 +90,11 @@ def test_corrupt_adapter_is_rebuilt_from_its_final_checkpoint(tiny_config, caplo
     first = train_adapter(cfg, store, data, base)
     weights = Path(first.uri) / "adapter_model.safetensors"
     want = weights.read_bytes()
-    params = {"cfg": cfg, "data": data, "base": base}
-    assert not _cache_key(None, params).startswith("train-pending-")
     _damage(weights, "flip")
 
     with caplog.at_level(logging.WARNING):
-        # Prefect's cached result of the task is not used once the adapter it names fails verification
-        assert _cache_key(None, params).startswith("train-pending-")
         again = train_adapter(cfg, store, data, base)
     assert again.resumed_from_step == cfg.training.max_steps  # nothing left to train: the last checkpoint
-    assert not _cache_key(None, params).startswith("train-pending-")
     assert weights.read_bytes() == want
     assert len(_reasons(store, "adapter")) == 1 and _warned(caplog, "adapter_model.safetensors")
 
@@ -242,10 +237,28 @@ def test_copied_and_legacy_stores_keep_every_cache_hit(prefect_api, tiny_config,
             result.data.report_uri,
             result.base.nf4_uri,
             result.merged.uri,
+            result.published.manifest_uri,
+            result.published.model_uri,
         ):
             assert uri.startswith(str(tmp_path / name) + "/"), uri
+        same_as = json.loads(Path(result.published.run_uri, "same-as.json").read_text())
+        assert str(tmp_path / "gone") not in json.dumps(same_as) and same_as["same_as_run"] == first.run_id
+        # the alias document, what a person or a serving tool reads, names this store now
+        alias = json.loads(Path(result.published.alias_uri).read_text())
+        assert (alias["manifest_uri"], alias["model_uri"]) == (
+            result.published.manifest_uri,
+            result.published.model_uri,
+        )
         assert not (tmp_path / name / "quarantine").exists()
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "quarantine" in r.getMessage()]
+        # not Prefect's event client: under load it may log an ERROR quoting an artifact's description
+        # ("0 quarantined") while it retries
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+            and not r.name.startswith("prefect._internal")
+            and "quarantine" in r.getMessage()
+        ]
 
 
 def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(

@@ -14,8 +14,15 @@ from qlora_flow.speedups import _CpuEmbedding, compile_decoder_layers, decoder_l
 
 def _llama(tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tied)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(config)
 
 

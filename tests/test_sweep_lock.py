@@ -17,10 +17,28 @@ from tasks.train import training_lock_name
 
 def test_each_sweep_point_trains_under_the_pipelines_adapter_lock(tmp_path, monkeypatch):
     cfg = PipelineConfig.model_validate({"execution": {"store": str(tmp_path / "store"), "device": "cpu"}})
-    data = ValidatedDataset(train_uri="t", eval_uri="e", report_uri="r", n_input_rows=1, n_train=1, n_eval=1,
-                            n_rejected=0, source_format="messages", fingerprint="data-fp")  # fmt: skip
-    base = PreparedBase(model_id="m", architecture="LlamaForCausalLM", full_precision_uri="f", fingerprint="base-fp",
-                        compute_dtype="float32", device="cpu", parameters=1, footprint_bytes_16bit=2, load_seconds=0.0)  # fmt: skip
+    data = ValidatedDataset(
+        train_uri="t",
+        eval_uri="e",
+        report_uri="r",
+        n_input_rows=1,
+        n_train=1,
+        n_eval=1,
+        n_rejected=0,
+        source_format="messages",
+        fingerprint="data-fp",
+    )
+    base = PreparedBase(
+        model_id="m",
+        architecture="LlamaForCausalLM",
+        full_precision_uri="f",
+        fingerprint="base-fp",
+        compute_dtype="float32",
+        device="cpu",
+        parameters=1,
+        footprint_bytes_16bit=2,
+        load_seconds=0.0,
+    )
     held: list[str] = []
     trained: list[tuple[int, list[str]]] = []
 
@@ -32,13 +50,25 @@ def test_each_sweep_point_trains_under_the_pipelines_adapter_lock(tmp_path, monk
 
     def fake_train_adapter(cfg, store, data, base, on_line=print, on_progress=None):
         trained.append((cfg.lora.r, list(held)))
-        return AdapterRef(uri=f"a{cfg.lora.r}", checkpoint_uri="c", fingerprint="fp", trainable_parameters=1, steps=1,
-                          loss_history=[], tokens_seen=1, train_seconds=1.0, tokens_per_second=1.0)  # fmt: skip
+        return AdapterRef(
+            uri=f"a{cfg.lora.r}",
+            checkpoint_uri="c",
+            fingerprint="fp",
+            trainable_parameters=1,
+            steps=1,
+            loss_history=[],
+            tokens_seen=1,
+            train_seconds=1.0,
+            tokens_per_second=1.0,
+        )
 
     monkeypatch.setattr(train_module, "training_lock", fake_lock)
     monkeypatch.setattr(train_module, "train_adapter", fake_train_adapter)
-    monkeypatch.setattr(sweep, "evaluate_adapter", lambda *a: types.SimpleNamespace(tuned_metrics={"loss": 1.0},
-                                                                                    base_metrics={"loss": 2.0}))  # fmt: skip
+    monkeypatch.setattr(
+        sweep,
+        "evaluate_adapter",
+        lambda *a: types.SimpleNamespace(tuned_metrics={"loss": 1.0}, base_metrics={"loss": 2.0}),
+    )
     ranks = [cfg.lora.r, 2 * cfg.lora.r]
 
     @flow

@@ -241,8 +241,17 @@ def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, t
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
     spec.write_text(_TrainSpec(config=cfg, data=data, base=base).model_dump_json())
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tasks.train", str(spec), str(result)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tasks.train",
+        str(spec),
+        str(result),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (proc.stdout + proc.stderr).count(f"'compile_layers': {compile_layers == 'on'}") == 2, (

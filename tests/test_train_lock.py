@@ -15,10 +15,28 @@ from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 
 def _refs(tmp_path) -> tuple[PipelineConfig, ValidatedDataset, PreparedBase]:
     cfg = PipelineConfig.model_validate({"execution": {"store": str(tmp_path / "store"), "device": "cpu"}})
-    data = ValidatedDataset(train_uri="t", eval_uri="e", report_uri="r", n_input_rows=1, n_train=1, n_eval=1,
-                            n_rejected=0, source_format="messages", fingerprint="data-fp")  # fmt: skip
-    base = PreparedBase(model_id="m", architecture="LlamaForCausalLM", full_precision_uri="f", fingerprint="base-fp",
-                        compute_dtype="float32", device="cpu", parameters=1, footprint_bytes_16bit=2, load_seconds=0.0)  # fmt: skip
+    data = ValidatedDataset(
+        train_uri="t",
+        eval_uri="e",
+        report_uri="r",
+        n_input_rows=1,
+        n_train=1,
+        n_eval=1,
+        n_rejected=0,
+        source_format="messages",
+        fingerprint="data-fp",
+    )
+    base = PreparedBase(
+        model_id="m",
+        architecture="LlamaForCausalLM",
+        full_precision_uri="f",
+        fingerprint="base-fp",
+        compute_dtype="float32",
+        device="cpu",
+        parameters=1,
+        footprint_bytes_16bit=2,
+        load_seconds=0.0,
+    )
     return cfg, data, base
 
 
@@ -41,8 +59,17 @@ def test_same_adapter_requested_twice_at_once_trains_once(prefect_api, tmp_path,
         with guard:
             running[0] -= 1
         calls.append("trained")
-        ref = AdapterRef(uri="a", checkpoint_uri="c", fingerprint="fp", trainable_parameters=1, steps=1, loss_history=[],
-                         tokens_seen=1, train_seconds=2.0, tokens_per_second=0.5)  # fmt: skip
+        ref = AdapterRef(
+            uri="a",
+            checkpoint_uri="c",
+            fingerprint="fp",
+            trainable_parameters=1,
+            steps=1,
+            loss_history=[],
+            tokens_seen=1,
+            train_seconds=2.0,
+            tokens_per_second=0.5,
+        )
         done.append(ref)
         return ref
 
@@ -57,6 +84,39 @@ def test_same_adapter_requested_twice_at_once_trains_once(prefect_api, tmp_path,
     first, second = two_runs_at_once()
     assert overlap[0] == 1, "two trainings of the same adapter ran at the same time"
     assert sorted(calls) == ["reused", "trained"] and first == second
+
+
+def test_every_run_of_the_task_goes_through_the_verified_store_lookup(prefect_api, tmp_path, monkeypatch):
+    """No Prefect cache answers for the store: with the adapter stored, a second run still calls train_adapter,
+    whose check would quarantine and rebuild a copy damaged since (tests/test_self_healing.py)."""
+    from qlora_flow.layout import trained_adapter_key
+    from qlora_flow.store import open_store
+
+    cfg, data, base = _refs(tmp_path)
+    store = open_store(cfg.execution)
+    key = trained_adapter_key(train_module.training_fingerprint(cfg, data, base))
+    (store.workdir(key) / "adapter_model.safetensors").write_bytes(b"weights")
+    store.commit(key)
+    calls: list[str] = []
+    ref = AdapterRef(
+        uri=store.uri(key),
+        checkpoint_uri="c",
+        fingerprint="fp",
+        trainable_parameters=1,
+        steps=1,
+        loss_history=[],
+        tokens_seen=1,
+        train_seconds=1.0,
+        tokens_per_second=1.0,
+    )
+    monkeypatch.setattr(train_module, "train_adapter", lambda *a, **k: calls.append("lookup") or ref)
+
+    @flow
+    def one_run():
+        return train_module.train_adapter_task(cfg, data, base)
+
+    assert one_run() == ref and one_run() == ref
+    assert calls == ["lookup", "lookup"]
 
 
 def test_different_adapters_do_not_share_a_lock(tmp_path):

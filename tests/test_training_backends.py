@@ -26,13 +26,27 @@ from tasks.validate import validate_dataset
 DEFAULT_RECIPE_FINGERPRINT = "84cff49ee7029a13e1aafcea8b982d14e824b9acdc8a695deaeba83739cf30cd"
 
 DATA = ValidatedDataset(
-    train_uri="t", eval_uri="e", report_uri="r", n_input_rows=1, n_train=1, n_eval=1, n_rejected=0,
-    source_format="messages", fingerprint="data-fp",
-)  # fmt: skip
+    train_uri="t",
+    eval_uri="e",
+    report_uri="r",
+    n_input_rows=1,
+    n_train=1,
+    n_eval=1,
+    n_rejected=0,
+    source_format="messages",
+    fingerprint="data-fp",
+)
 BASE = PreparedBase(
-    model_id="m", architecture="LlamaForCausalLM", full_precision_uri="f", fingerprint="base-fp",
-    compute_dtype="float32", device="cpu", parameters=1, footprint_bytes_16bit=2, load_seconds=0.0,
-)  # fmt: skip
+    model_id="m",
+    architecture="LlamaForCausalLM",
+    full_precision_uri="f",
+    fingerprint="base-fp",
+    compute_dtype="float32",
+    device="cpu",
+    parameters=1,
+    footprint_bytes_16bit=2,
+    load_seconds=0.0,
+)
 
 
 def test_the_default_backend_keeps_the_fingerprints_of_cached_adapters():
@@ -41,12 +55,20 @@ def test_the_default_backend_keeps_the_fingerprints_of_cached_adapters():
     assert recipe_fingerprint(cfg) == DEFAULT_RECIPE_FINGERPRINT
     # the adapter fingerprint as tasks/train.py computed it before the switch: recipe.py among the hashed modules
     old_formula = combine(
-        "adapter", DATA.fingerprint, BASE.fingerprint, DEFAULT_RECIPE_FINGERPRINT,
+        "adapter",
+        DATA.fingerprint,
+        BASE.fingerprint,
+        DEFAULT_RECIPE_FINGERPRINT,
         {"packed": resolve_packing(cfg.training.packing, BASE.device)},
-        code_version("qlora_flow.recipe", "qlora_flow.models", "qlora_flow.hardware", "qlora_flow.training_plan",
-                     "qlora_flow.training_template"),
+        code_version(
+            "qlora_flow.recipe",
+            "qlora_flow.models",
+            "qlora_flow.hardware",
+            "qlora_flow.training_plan",
+            "qlora_flow.training_template",
+        ),
         library_versions(),
-    )  # fmt: skip
+    )
     assert training_fingerprint(cfg, DATA, BASE) == old_formula
 
 

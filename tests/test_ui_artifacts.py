@@ -43,9 +43,12 @@ def runs(tmp_path_factory):
     overrides = {
         **tiny_overrides(home, data, build_tiny_model_dir(home / "tiny-model")),
         # room for the long prompts, and sample answers long enough to fill the table
-        "training.max_seq_length": 256, "evaluation.max_generation_samples": 3, "evaluation.max_new_tokens": 40,
-        "merge.verify_prompts": 1, "publish.model_name": MODEL,
-    }  # fmt: skip
+        "training.max_seq_length": 256,
+        "evaluation.max_generation_samples": 3,
+        "evaluation.max_new_tokens": 40,
+        "merge.verify_prompts": 1,
+        "publish.model_name": MODEL,
+    }
     port = free_port()
     with prefect_server(home / "prefect", port, home / "server.log") as env, api_of(env):
         published = qlora_pipeline(load_config(None, overrides), return_state=True)
@@ -96,9 +99,13 @@ def test_artifacts_say_what_happened_with_links_that_work(runs, tmp_path):
     command = shlex.split(next(line for line in model_md.splitlines() if line.startswith("qlora-flow pull")))
     command[3] = str(tmp_path / "pulled")
     pull = subprocess.run(
-        [sys.executable, "-m", "qlora_flow.cli", *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "qlora_flow.cli", *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
-    )  # fmt: skip
+    )
     assert pull.returncode == 0, pull.stderr
     assert (tmp_path / "pulled" / "config.json").exists() and (tmp_path / "pulled" / "manifest.json").exists()
 
@@ -106,8 +113,12 @@ def test_artifacts_say_what_happened_with_links_that_work(runs, tmp_path):
 def _flow_run_ls(runs, *args: str) -> dict[str, str]:
     ls = subprocess.run(
         [str(Path(sys.executable).with_name("prefect")), "flow-run", "ls", *args],
-        env={**runs["env"], "COLUMNS": "250"}, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        env={**runs["env"], "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert ls.returncode == 0, ls.stderr
     return {line.split("│")[1].strip(): line for line in ls.stdout.splitlines() if line.count("│") > 4}
 
@@ -143,9 +154,17 @@ def test_every_artifact_renders_in_chromium_and_fits_the_window(runs):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": WINDOW, "height": 1000})
             for key, text in expected_text.items():

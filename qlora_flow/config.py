@@ -391,8 +391,11 @@ class ScheduleConfig(_Section):
     @classmethod
     def _known_zone(cls, value: str) -> str:
         # what Prefect's Cron accepts; checked here so a typo fails at load, not when deploying
-        if value not in zoneinfo.available_timezones():
-            raise PydanticCustomError("timezone", "not an IANA time zone such as UTC or Europe/Oslo")
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            if value != "UTC":  # UTC needs no time zone database, which a slim image may lack
+                raise PydanticCustomError("timezone", "not an IANA time zone such as UTC or Europe/Oslo") from None
         return value
 
     active: bool = True

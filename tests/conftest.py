@@ -130,6 +130,36 @@ def tiny_overrides(home: Path, train_path: Path, model_dir: Path) -> dict[str, o
     }
 
 
+def placeholder_refs():
+    """(ValidatedDataset, PreparedBase) that name nothing real: for tests of fingerprints and locks, which
+    read only their fields."""
+    from qlora_flow.refs import PreparedBase, ValidatedDataset
+
+    data = ValidatedDataset(
+        train_uri="t",
+        eval_uri="e",
+        report_uri="r",
+        n_input_rows=1,
+        n_train=1,
+        n_eval=1,
+        n_rejected=0,
+        source_format="messages",
+        fingerprint="data-fp",
+    )
+    base = PreparedBase(
+        model_id="m",
+        architecture="LlamaForCausalLM",
+        full_precision_uri="f",
+        fingerprint="base-fp",
+        compute_dtype="float32",
+        device="cpu",
+        parameters=1,
+        footprint_bytes_16bit=2,
+        load_seconds=0.0,
+    )
+    return data, base
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir, chat_jsonl):
     """A PipelineConfig that runs every stage on the tiny model in a temp store, in seconds."""

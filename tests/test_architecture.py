@@ -159,33 +159,13 @@ def _copy_hashed_sources(dest: Path) -> None:
 
 def _adapter_fingerprint_with_sources_in(root: Path) -> str:
     """training_fingerprint with code_version reading the project sources under root."""
+    from conftest import placeholder_refs
+
     import qlora_flow.fingerprint as fingerprint
     from qlora_flow.config import PipelineConfig
-    from qlora_flow.refs import PreparedBase, ValidatedDataset
     from tasks.train import training_fingerprint
 
-    data = ValidatedDataset(
-        train_uri="t",
-        eval_uri="e",
-        report_uri="r",
-        n_input_rows=1,
-        n_train=1,
-        n_eval=1,
-        n_rejected=0,
-        source_format="messages",
-        fingerprint="data-fp",
-    )
-    base = PreparedBase(
-        model_id="m",
-        architecture="LlamaForCausalLM",
-        full_precision_uri="f",
-        fingerprint="base-fp",
-        compute_dtype="float32",
-        device="cpu",
-        parameters=1,
-        footprint_bytes_16bit=2,
-        load_seconds=0.0,
-    )
+    data, base = placeholder_refs()
     real = fingerprint.__file__
     try:
         fingerprint.__file__ = str(root / "qlora_flow" / "fingerprint.py")  # code_version hashes from here

@@ -6,39 +6,19 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 
+from conftest import placeholder_refs
 from prefect import flow
 
 import flows.sweep as sweep
 import tasks.train as train_module
 from qlora_flow.config import PipelineConfig
-from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
+from qlora_flow.refs import AdapterRef
 from tasks.train import training_lock_name
 
 
 def test_each_sweep_point_trains_under_the_pipelines_adapter_lock(tmp_path, monkeypatch):
     cfg = PipelineConfig.model_validate({"execution": {"store": str(tmp_path / "store"), "device": "cpu"}})
-    data = ValidatedDataset(
-        train_uri="t",
-        eval_uri="e",
-        report_uri="r",
-        n_input_rows=1,
-        n_train=1,
-        n_eval=1,
-        n_rejected=0,
-        source_format="messages",
-        fingerprint="data-fp",
-    )
-    base = PreparedBase(
-        model_id="m",
-        architecture="LlamaForCausalLM",
-        full_precision_uri="f",
-        fingerprint="base-fp",
-        compute_dtype="float32",
-        device="cpu",
-        parameters=1,
-        footprint_bytes_16bit=2,
-        load_seconds=0.0,
-    )
+    data, base = placeholder_refs()
     held: list[str] = []
     trained: list[tuple[int, list[str]]] = []
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from conftest import placeholder_refs
 from prefect import flow
 
 import tasks.train as train_module
@@ -15,28 +16,7 @@ from qlora_flow.refs import AdapterRef, PreparedBase, ValidatedDataset
 
 def _refs(tmp_path) -> tuple[PipelineConfig, ValidatedDataset, PreparedBase]:
     cfg = PipelineConfig.model_validate({"execution": {"store": str(tmp_path / "store"), "device": "cpu"}})
-    data = ValidatedDataset(
-        train_uri="t",
-        eval_uri="e",
-        report_uri="r",
-        n_input_rows=1,
-        n_train=1,
-        n_eval=1,
-        n_rejected=0,
-        source_format="messages",
-        fingerprint="data-fp",
-    )
-    base = PreparedBase(
-        model_id="m",
-        architecture="LlamaForCausalLM",
-        full_precision_uri="f",
-        fingerprint="base-fp",
-        compute_dtype="float32",
-        device="cpu",
-        parameters=1,
-        footprint_bytes_16bit=2,
-        load_seconds=0.0,
-    )
+    data, base = placeholder_refs()
     return cfg, data, base
 
 

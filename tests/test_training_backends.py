@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import placeholder_refs
 
 from qlora_flow.config import ConfigError, PipelineConfig, load_config
 from qlora_flow.fingerprint import code_version, combine, library_versions
 from qlora_flow.layout import adapter_checkpoints_key
-from qlora_flow.refs import PreparedBase, ValidatedDataset
 from qlora_flow.stage_cache import recipe_fingerprint
 from qlora_flow.store import LocalStore
 from qlora_flow.training_backends import TRAINING_BACKENDS, backend_code_modules
@@ -25,28 +25,7 @@ from tasks.validate import validate_dataset
 # code, no library versions), so it moves only when a default that changes the result moves.
 DEFAULT_RECIPE_FINGERPRINT = "84cff49ee7029a13e1aafcea8b982d14e824b9acdc8a695deaeba83739cf30cd"
 
-DATA = ValidatedDataset(
-    train_uri="t",
-    eval_uri="e",
-    report_uri="r",
-    n_input_rows=1,
-    n_train=1,
-    n_eval=1,
-    n_rejected=0,
-    source_format="messages",
-    fingerprint="data-fp",
-)
-BASE = PreparedBase(
-    model_id="m",
-    architecture="LlamaForCausalLM",
-    full_precision_uri="f",
-    fingerprint="base-fp",
-    compute_dtype="float32",
-    device="cpu",
-    parameters=1,
-    footprint_bytes_16bit=2,
-    load_seconds=0.0,
-)
+DATA, BASE = placeholder_refs()
 
 
 def test_the_default_backend_keeps_the_fingerprints_of_cached_adapters():

@@ -160,6 +160,43 @@ def placeholder_refs():
     return data, base
 
 
+def placeholder_adapter(uri: str = "a", seconds: float = 1.0):
+    """An AdapterRef that names nothing real (one step of `seconds`), for tests that fake the training."""
+    from qlora_flow.refs import AdapterRef
+
+    return AdapterRef(
+        uri=uri,
+        checkpoint_uri="c",
+        fingerprint="fp",
+        trainable_parameters=1,
+        steps=1,
+        loss_history=[],
+        tokens_seen=1,
+        train_seconds=seconds,
+        tokens_per_second=1.0 / seconds,
+    )
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, which .ci/run installs
+
+
+def launch_chromium(playwright):
+    """Headless Debian Chromium as the UI tests drive it (offline: no background networking)."""
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir, chat_jsonl):
     """A PipelineConfig that runs every stage on the tiny model in a temp store, in seconds."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from conftest import build_tiny_model_dir, make_chat_rows, tiny_overrides
+from conftest import CHROMIUM, build_tiny_model_dir, launch_chromium, make_chat_rows, tiny_overrides
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
@@ -32,7 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODEL = "demo-order-extractor"  # the demo config's model: the deployments are registered for it
 K8S_IMAGE = "registry.example.com/qlora-flow-gpu:test"
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output"
 
 
@@ -192,19 +191,7 @@ def test_ui_shows_the_evaluation_report(stack: Stack, manual_run: FlowRun):
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     SCREENSHOTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{stack.port}/runs/flow-run/{manual_run.id}", wait_until="networkidle")

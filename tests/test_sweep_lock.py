@@ -6,13 +6,12 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 
-from conftest import placeholder_refs
+from conftest import placeholder_adapter, placeholder_refs
 from prefect import flow
 
 import flows.sweep as sweep
 import tasks.train as train_module
 from qlora_flow.config import PipelineConfig
-from qlora_flow.refs import AdapterRef
 from tasks.train import training_lock_name
 
 
@@ -30,17 +29,7 @@ def test_each_sweep_point_trains_under_the_pipelines_adapter_lock(tmp_path, monk
 
     def fake_train_adapter(cfg, store, data, base, on_line=print, on_progress=None):
         trained.append((cfg.lora.r, list(held)))
-        return AdapterRef(
-            uri=f"a{cfg.lora.r}",
-            checkpoint_uri="c",
-            fingerprint="fp",
-            trainable_parameters=1,
-            steps=1,
-            loss_history=[],
-            tokens_seen=1,
-            train_seconds=1.0,
-            tokens_per_second=1.0,
-        )
+        return placeholder_adapter(f"a{cfg.lora.r}")
 
     monkeypatch.setattr(train_module, "training_lock", fake_lock)
     monkeypatch.setattr(train_module, "train_adapter", fake_train_adapter)

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import placeholder_refs
+from conftest import placeholder_adapter, placeholder_refs
 from prefect import flow
 
 import tasks.train as train_module
@@ -39,17 +39,7 @@ def test_same_adapter_requested_twice_at_once_trains_once(prefect_api, tmp_path,
         with guard:
             running[0] -= 1
         calls.append("trained")
-        ref = AdapterRef(
-            uri="a",
-            checkpoint_uri="c",
-            fingerprint="fp",
-            trainable_parameters=1,
-            steps=1,
-            loss_history=[],
-            tokens_seen=1,
-            train_seconds=2.0,
-            tokens_per_second=0.5,
-        )
+        ref = placeholder_adapter(seconds=2.0)
         done.append(ref)
         return ref
 
@@ -78,17 +68,7 @@ def test_every_run_of_the_task_goes_through_the_verified_store_lookup(prefect_ap
     (store.workdir(key) / "adapter_model.safetensors").write_bytes(b"weights")
     store.commit(key)
     calls: list[str] = []
-    ref = AdapterRef(
-        uri=store.uri(key),
-        checkpoint_uri="c",
-        fingerprint="fp",
-        trainable_parameters=1,
-        steps=1,
-        loss_history=[],
-        tokens_seen=1,
-        train_seconds=1.0,
-        tokens_per_second=1.0,
-    )
+    ref = placeholder_adapter(store.uri(key))
     monkeypatch.setattr(train_module, "train_adapter", lambda *a, **k: calls.append("lookup") or ref)
 
     @flow

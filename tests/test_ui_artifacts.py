@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model_dir, make_chat_rows, tiny_overrides
+from conftest import CHROMIUM, build_tiny_model_dir, launch_chromium, make_chat_rows, tiny_overrides
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -23,7 +23,6 @@ from qlora_flow.config import load_config
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output"
 MODEL = "ui-extractor"
 WINDOW = 1440  # px: a laptop browser window
@@ -152,19 +151,7 @@ def test_every_artifact_renders_in_chromium_and_fits_the_window(runs):
         "data-validation": "rows",
     }
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": WINDOW, "height": 1000})
             for key, text in expected_text.items():

@@ -115,7 +115,8 @@ def render(files: list[Path]) -> str:
                 f"micro-batch {row['micro_batch']} x {row['grad_accum']}, "
                 f"{'checkpointing' if row['gradient_checkpointing'] else 'no checkpointing'}"
                 f"{', packing' if row['packing'] else ''}{', offload' if row.get('offload') else ''}"
-                f"{', compile' if row.get('compiled_layers') else ''}, {row['attn']}, "
+                f"{', compile' if row.get('compiled_layers') else ''}"
+                f"{', fused LoRA' if row.get('fused_lora_layers') else ''}, {row['attn']}, "
                 f"dropout {row['lora_dropout']:g}"
             )
             lines.append(

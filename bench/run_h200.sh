@@ -8,6 +8,7 @@
 #   bash bench/run_h200.sh side-w1-low  # 1 GPU: W1 seed recipe, ours and Unsloth at 16 and 7 GiB
 #   bash bench/run_h200.sh side-w2    # 1 GPU: W2 seed recipe, ours and Unsloth at every budget
 #   bash bench/run_h200.sh side-pair  # 2 GPUs: W1 rows (PROFILES_W1) on GPU 0 | W2 rows (PROFILES_W2) on GPU 1
+#   bash bench/run_h200.sh side-seq   # 1 GPU: the same rows one after the other, W2's first
 #   bash bench/run_h200.sh variants   # 2 GPUs: W1 speed levers on GPU 0 | 8B merge memory on GPU 1
 #   bash bench/run_h200.sh final      # 2 GPUs: baseline vs ours (W1 on GPU 0 | W2 on GPU 1)
 #   bash bench/run_h200.sh ddp        # 2 GPUs: W2 ours, DDP over both vs one GPU
@@ -59,6 +60,10 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
     train 0 W1 "${PROFILES_W1:-unsloth40,budget40}" side-pair-w1.jsonl &
     train 1 W2 "${PROFILES_W2:-unsloth16,budget16}" side-pair-w2.jsonl &
     wait ;;
+  side-seq)  # 1 GPU: side-pair's rows in one phase
+    build > "$OUT/build.jsonl" 2>&1
+    train 0 W2 "${PROFILES_W2:-unsloth7,lowmem}" side-pair-w2.jsonl
+    train 0 W1 "${PROFILES_W1:-unsloth7,lowmem}" side-pair-w1.jsonl ;;
   variants)
     (build > "$OUT/build.jsonl" 2>&1; train 0 W1 ours,ours+liger,ours+compile,ours+prof w1-variants.jsonl) &
     # Random weights give near-flat logits, whose top-1 flips under any bf16 rounding: 0.9, not 0.99.
@@ -88,6 +93,6 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
   levers)
     build > "$OUT/build.jsonl" 2>&1
     train 0 W1 "${PROFILES:-baseline,lowmem,lowmem+prof,baseline+prof,lowmem+nopack,lowmem+liger}" w1-levers.jsonl ;;
-  *) echo "usage: $0 check|side-pair|side-w1|side-w1-low|side-w2|variants|final|ddp|sweep|lowmem|w2|levers"; exit 2 ;;
+  *) echo "usage: $0 check|side-pair|side-seq|side-w1|side-w1-low|side-w2|variants|final|ddp|sweep|lowmem|w2|levers"; exit 2 ;;
 esac
 tail -q -n 3 "$OUT"/*.err 2>/dev/null | cut -c1-400

@@ -39,7 +39,8 @@ offload: `cpuembed` plus TRL's activation offloading, tensors saved for backward
 memory; the planner picks it when nothing else fits the budget, as in the `lowmem` profile), `nopack`
 (no packing, SDPA: on W1 every row is one whole sequence, so this isolates flex attention's cost),
 `actoffload` (activation offloading alone, without `cpuembed`), `pageable` (the CPU embedding without
-page-locked memory), `smalloffload` (TRL's default offload threshold of 1 KiB instead of ours).
+page-locked memory), `smalloffload` (TRL's default offload threshold of 1 KiB instead of ours), `fused` /
+`nofused` (LoRA updates through qlora_flow/fused_lora.py on / off; the planner turns it on with compile).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -112,6 +113,8 @@ MODIFIERS = {
     "actoffload",
     "pageable",
     "smalloffload",
+    "fused",
+    "nofused",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -208,6 +211,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
             packing=False,
             gradient_checkpointing=True,
             compile=False,
+            fused=False,
             offload=False,
             batch=4,
             accum=4 // world,
@@ -231,6 +235,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
             packing=True,
             gradient_checkpointing=True,
             compile=False,
+            fused=False,
             offload=False,
             batch=micro,
             accum=rows // micro,
@@ -253,6 +258,7 @@ def profile_settings(profile: str, shape: str, free_gib: float, workload: str, w
         packing=plan.packing,
         gradient_checkpointing=plan.gradient_checkpointing,
         compile=plan.compile_layers,
+        fused=plan.fused_lora,
         offload=plan.offload,
         batch=plan.per_device_batch_size,
         accum=plan.gradient_accumulation_steps,
@@ -282,6 +288,7 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from qlora_flow.fused_lora import apply_fused_lora
     from qlora_flow.speedups import compile_decoder_layers, input_embedding_on_cpu, offload_large_activations_only
     from qlora_flow.training_backends import training_backend
 
@@ -392,6 +399,8 @@ def run_one(args) -> dict:
     )
     if activation_offloading and "smalloffload" not in modifiers:
         offload_large_activations_only(trainer)
+    fused = (settings["fused"] or "fused" in modifiers) and "nofused" not in modifiers
+    fused_layers = apply_fused_lora(trainer.model) if fused else 0
     compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
     compiled_layers = compile_decoder_layers(trainer.model) if compile_layers else 0
     torch.cuda.reset_peak_memory_stats()
@@ -418,6 +427,7 @@ def run_one(args) -> dict:
         "gpus": world,
         "lora_dropout": dropout,
         "compiled_layers": compiled_layers,
+        "fused_lora_layers": fused_layers,
         "packing": settings["packing"],
         "gradient_checkpointing": settings["gradient_checkpointing"],
         "offload": settings["offload"],

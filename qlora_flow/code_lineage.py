@@ -62,6 +62,7 @@ def training_modules(backend: str) -> tuple[str, ...]:
         "qlora_flow.hardware",
         "qlora_flow.training_plan",
         "qlora_flow.training_template",
+        "qlora_flow.fused_lora",
     )
 
 
@@ -105,6 +106,10 @@ GROUPS: dict[str, CodeGroup] = {
             "90b1308ce9568bad",  # f3d984d
             "d9c11e7a7d58a132",  # 011f70d (backend switch: torch imported lazily in qlora_flow/hardware.py)
             "8592cd5f3bb184bd",  # the `# fmt: skip` markers dropped, ruff format (same syntax trees)
+            # qlora_flow/fused_lora.py, planned with compiled layers on GPUs only: on the CPU the same bytes; on a
+            # GPU the same update with dropout masks drawn from its hash instead of torch's generator (GPU runs
+            # were never bit-reproducible across versions), so GPU adapters of earlier versions stay in use too
+            "8bdf3e3fca933218",
         ),
     ),
     # qlora_flow/stage_cache.py evaluation_fingerprint

@@ -288,6 +288,10 @@ def train_lora(
         from qlora_flow.speedups import offload_large_activations_only
 
         offload_large_activations_only(trainer)
+    if plan.fused_lora:
+        from qlora_flow.fused_lora import apply_fused_lora
+
+        apply_fused_lora(trainer.model)
     if plan.compile_layers:
         from qlora_flow.speedups import compile_decoder_layers
 

@@ -57,6 +57,9 @@ class TrainingPlan:
     attn_implementation: str | None
     estimated_peak_gib: float
     reason: str
+    # LoRA updates through qlora_flow/fused_lora.py: its dropout mask is pointwise hashing, free only inside
+    # compiled layers, so it goes with them (on the GPU).
+    fused_lora: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,7 +169,16 @@ def plan_training(
                         f"of {budget:.0f}"
                     )
                     plan = TrainingPlan(
-                        use_packing, ckpt, compiled, off, micro, rank_batch // micro, attn, round(peak, 1), reason
+                        use_packing,
+                        ckpt,
+                        compiled,
+                        off,
+                        micro,
+                        rank_batch // micro,
+                        attn,
+                        round(peak, 1),
+                        reason,
+                        fused_lora=compiled,
                     )
                     best = (speed, plan)
         return None if best is None else best[1]
@@ -189,4 +201,5 @@ def plan_training(
         attn,
         round(estimate_peak_gib(shape, max_seq_length, ckpt, quantized, compiled, smallest), 1),
         "smallest profile; may exceed the budget",
+        fused_lora=compiled,
     )

@@ -428,6 +428,14 @@ CASES = [
         rc=2,
         patch={"schedule.timezone": "Mars/Olympus"},
     ),
+    Case(
+        "cron-minute-out-of-range",
+        ['schedule.cron: not a cron expression Prefect accepts, such as "0 3 * * *"', "'61 3 * * *'"],
+        rc=2,
+        patch={"schedule.cron": "61 3 * * *"},
+    ),
+    Case("cron-too-few-fields", ["schedule.cron: not a cron expression"], rc=2, patch={"schedule.cron": "0 3 * *"}),
+    Case("cron-alias-is-accepted", [], rc=0, patch={"schedule.cron": "@daily"}),
     Case("yaml-off-is-the-choice-off", [], rc=0, patch={"training.packing": False, "training.compile": False}),
     # ---- the config file and the command line
     Case(

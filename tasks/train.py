@@ -257,7 +257,7 @@ def run_training_in_child(
         if timed_out.is_set():
             raise TimeoutError(f"training exceeded execution.train_timeout_s={cfg.execution.train_timeout_s}")
         if proc.returncode != 0:
-            raise RuntimeError(f"training process exited with code {proc.returncode}; see the log lines above")
+            raise RuntimeError(_child_failure(proc.returncode, result_path))
         return AdapterRef.model_validate_json(result_path.read_text())
 
 
@@ -298,9 +298,48 @@ def _child_main(spec_path: str, result_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
     exit_with_parent()  # a SIGKILLed flow process must not leave this training holding the GPU
     spec = _TrainSpec.model_validate_json(Path(spec_path).read_text())
-    ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
+    except BaseException as exc:
+        # the traceback still goes to the log; the parent raises with this line, not just an exit code
+        _child_error_path(Path(result_path), rank).write_text(_one_line(exc))
+        raise
+    if rank == 0:
         Path(result_path).write_text(ref.model_dump_json())
+
+
+def _child_error_path(result_path: Path, rank: int) -> Path:
+    return result_path.with_name(f"error-rank{rank}.txt")
+
+
+def _one_line(exc: BaseException) -> str:
+    import torch
+
+    message = " ".join(str(exc).split()) or "(no message)"
+    if len(message) > 400:
+        message = message[:400] + " ..."
+    line = f"{type(exc).__name__}: {message}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        line += (
+            "; set training.memory_budget_gib to the memory this GPU can give (the planner then picks a smaller"
+            " micro-batch, checkpointing or offload), or lower training.max_seq_length"
+        )
+    return line
+
+
+def _child_failure(returncode: int, result_path: Path) -> str:
+    """What the parent says when the training child failed: the child's own error line where it left one."""
+    errors = sorted(result_path.parent.glob("error-rank*.txt"))
+    if errors:
+        return f"training failed: {errors[0].read_text()} (exit code {returncode}; the traceback is in the log above)"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = (
+            " (the kernel's out-of-memory killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
+        )
+        return f"training process was killed by {name}{hint}"
+    return f"training process exited with code {returncode}; see the log lines above"
 
 
 def training_lock_name(cfg: PipelineConfig, data: ValidatedDataset, base: PreparedBase) -> str:

@@ -222,6 +222,23 @@ def test_timeout_kills_the_training_child_and_says_so(setup):
     assert newest_complete_checkpoint(store, f"{key}/checkpoints") is None
 
 
+def test_a_failing_training_child_raises_with_its_own_error_line(setup, tmp_path):
+    from tasks.train import _child_failure, run_training_in_child
+
+    cfg, store, data, base = setup
+    Path(data.train_uri).unlink()  # the child cannot read the split it was given
+    lines: list[str] = []
+    with pytest.raises(RuntimeError) as failure:
+        run_training_in_child(cfg, data, base, on_line=lines.append)
+    message = str(failure.value)
+    assert message.startswith("training failed: ") and "\n" not in message, message
+    assert "train.parquet" in message and "exit code 1" in message, message
+    assert any("Traceback" in line for line in lines)  # the child's traceback still reaches the log
+    # no error line left (killed from outside): the signal is named
+    assert "killed by SIGKILL" in _child_failure(-9, tmp_path / "result.json")
+    assert _child_failure(3, tmp_path / "result.json") == "training process exited with code 3; see the log lines above"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("compile_layers", ["off", "on"])
 def test_two_rank_ddp_child_trains_the_same_global_batch_as_one_process(setup, tmp_path, compile_layers):

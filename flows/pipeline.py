@@ -15,6 +15,7 @@ from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from qlora_flow.config import ConfigError, PipelineConfig
+from qlora_flow.console import send_project_logs_to_runs
 from qlora_flow.gpu_runner import flow_gpu_lease
 from qlora_flow.hardware import resolve_device
 from qlora_flow.layout import CLAIM_NAME, MANIFEST_NAME, run_key
@@ -103,6 +104,7 @@ def qlora_pipeline(
 
     `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
     sets dotted keys on top, e.g. {"training.max_steps": 10}."""
+    send_project_logs_to_runs()
     logger = get_run_logger()
     config = resolve_and_record(config, overrides)
     preflight(config, quick=False)  # a config that cannot work fails here, before any stage or task retry

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from flows.pipeline import run_namer, validated_data_and_base
 from qlora_flow.config import PipelineConfig
+from qlora_flow.console import send_project_logs_to_runs
 from qlora_flow.gpu_runner import GPU_TAG, gpu_request, gpu_task_runner, use_leased_gpu
 from qlora_flow.preflight import preflight
 from qlora_flow.refs import PreparedBase, ValidatedDataset
@@ -76,6 +77,7 @@ def lora_sweep(
 
     `config` may hold only the fields to change (merged onto the deployment's config); `overrides`
     takes dotted keys like the CLI's `--set`."""
+    send_project_logs_to_runs()
     config = resolve_and_record(config, overrides)
     ranks = [int(rank) for rank in ranks]
     preflight(config, quick=False)

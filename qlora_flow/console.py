@@ -75,6 +75,33 @@ def quiet_library_noise() -> None:
     logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
+# The project's module loggers: quarantine WARNINGs (qlora_flow.store, .integrity), cache adoption (.code_lineage),
+# the stages' own lines (tasks.*).
+PROJECT_LOGGERS = ("qlora_flow", "tasks", "flows")
+
+
+def send_project_logs_to_runs() -> None:
+    """Send the project's module loggers to the Prefect run they are logged in, as its run loggers are: an
+    operator reads a run in the UI, where a healed cache's WARNING must show too, not only on the console of
+    the process that ran it. What these loggers say outside any run stays on the console. Idempotent."""
+    from prefect.logging.handlers import APILogHandler
+
+    class _InRunsOnly(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            from prefect.context import FlowRunContext, TaskRunContext
+
+            return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            handler = APILogHandler()
+            handler.addFilter(_InRunsOnly())
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET:  # a worker's root logger stops at WARNING; adoption lines are INFO
+            logger.setLevel(logging.INFO)
+
+
 def stage_of(record: logging.LogRecord) -> str | None:
     """The stage a log record belongs to, from the task/flow names Prefect's run loggers attach."""
     task_name = getattr(record, "task_name", None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,13 +212,15 @@ def test_ui_shows_the_evaluation_report(stack: Stack, manual_run: FlowRun):
 
 def test_rejection_event_pauses_the_schedule(stack: Stack, manual_run: FlowRun):
     """The registered automation: a `model.rejected` event for this model pauses scheduled retraining."""
-    from prefect.events import emit_event
-
-    # what a rejected run of the deployments' (demo) config emits from the worker's directory
+    # what a rejected run of the deployments' (demo) config emits from the worker's directory, sent with Prefect's
+    # CLI from a process of its own: this process's events client keeps the API URL of the first server it met
     resource = model_resource(load_config(ROOT / "configs" / "demo.yaml"), ROOT)
-    emit_event(
-        event="model.rejected", resource=resource, payload={"run_id": "test", "reasons": ["tuned loss above base loss"]}
+    payload = {"run_id": "test", "reasons": ["tuned loss above base loss"]}
+    emit = [sys.executable, "-m", "prefect", "event", "emit", "model.rejected", "--resource", json.dumps(resource)]
+    emitted = subprocess.run(
+        [*emit, "--payload", json.dumps(payload)], env=stack.env, capture_output=True, text=True, timeout=120
     )
+    assert emitted.returncode == 0, emitted.stdout + emitted.stderr
     deadline = time.monotonic() + 90
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:

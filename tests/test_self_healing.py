@@ -296,3 +296,28 @@ def test_s3_store_mirrored_to_another_prefix_keeps_its_cache_hits(
     mirror.commit(entry)
     assert json.loads(s3env.objects(f"mirror/{entry}/report.json")[f"mirror/{entry}/report.json"]) == legacy
     assert validate_dataset(tiny_config, s3env.store(tmp_path / "c2", prefix="mirror"), tokenizer) == again
+
+
+@pytest.mark.slow
+def test_a_healed_cache_s_warning_is_in_the_prefect_run_log(prefect_api, tiny_config):
+    """The operator reads the run in Prefect's UI: the quarantine WARNING of a module logger must be there."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import qlora_pipeline
+
+    cfg = tiny_config
+    first = qlora_pipeline(cfg, return_state=True).result()
+    _damage(Path(first.data.train_uri), "flip")
+
+    state = qlora_pipeline(cfg, return_state=True)
+    assert state.is_completed() and state.result().data.fingerprint == first.data.fingerprint
+    APILogHandler().flush()  # logs travel to the server in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    warnings = [log for log in logs if log.level == logging.WARNING and "quarantine/" in log.message]
+    assert warnings and "train.parquet" in warnings[0].message, [(log.name, log.message) for log in logs][-15:]
+    assert warnings[0].task_run_id is not None  # attributed to the validation task, as the UI shows it

@@ -45,6 +45,7 @@ def rank_config(config: PipelineConfig, rank: int) -> PipelineConfig:
 def train_candidate(cfg: PipelineConfig, run_id: str, data: ValidatedDataset, base: PreparedBase) -> SweepPoint:
     """Train and evaluate one rank on the GPUs this task was given (CUDA_VISIBLE_DEVICES)."""
     logger = get_run_logger()
+    send_project_logs_to_runs()  # this task has a process of its own (GpuTaskRunner)
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     use_leased_gpu()  # evaluation runs in this process, whose CUDA was set up before the variable changed
     logger.info("rank %d on CUDA_VISIBLE_DEVICES=%s", cfg.lora.r, devices)

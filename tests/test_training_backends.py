@@ -33,6 +33,7 @@ def test_the_default_backend_keeps_the_fingerprints_of_cached_adapters():
     assert cfg.training.backend == "trl"
     assert recipe_fingerprint(cfg) == DEFAULT_RECIPE_FINGERPRINT
     # the adapter fingerprint as tasks/train.py computed it before the switch: recipe.py among the hashed modules
+    # (and since the fused LoRA update, qlora_flow/fused_lora.py: a code change its lineage entry declares)
     old_formula = combine(
         "adapter",
         DATA.fingerprint,
@@ -45,6 +46,7 @@ def test_the_default_backend_keeps_the_fingerprints_of_cached_adapters():
             "qlora_flow.hardware",
             "qlora_flow.training_plan",
             "qlora_flow.training_template",
+            "qlora_flow.fused_lora",
         ),
         library_versions(),
     )

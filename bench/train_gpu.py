@@ -41,6 +41,9 @@ memory; the planner picks it when nothing else fits the budget, as in the `lowme
 `actoffload` (activation offloading alone, without `cpuembed`), `pageable` (the CPU embedding without
 page-locked memory), `smalloffload` (TRL's default offload threshold of 1 KiB instead of ours), `fused` /
 `nofused` (LoRA updates through qlora_flow/fused_lora.py on / off; the planner turns it on with compile).
+Candidates the runs 19-22 profiles point at, measured before they reach the stage: `mask32` (the fused update's
+dropout mask from 32-bit instead of 64-bit integer hashing, `keep_mask_int32` below), `cudagraphs` (compiled
+layers replayed as CUDA graphs, `mode="reduce-overhead"`: the profile's "Command Buffer Full" time).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -115,8 +118,25 @@ MODIFIERS = {
     "smalloffload",
     "fused",
     "nofused",
+    "mask32",
+    "cudagraphs",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def keep_mask_int32(seed, shape, p: float):
+    """qlora_flow.fused_lora.keep_mask's contract (Bernoulli(1 - p), a pure function of the seed) in 32-bit integer
+    arithmetic: products wrap modulo 2**32 and right shifts are masked to act as logical shifts. Not the same
+    masks as the 64-bit hash; for `+mask32` rows only."""
+    import torch
+
+    h = torch.arange(shape.numel(), device=seed.device, dtype=torch.int32).view(shape) + seed.to(torch.int32)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * 0x7FEB352D
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * 0x1B873593
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return (h & 0xFFFFFF) >= round(p * (1 << 24))
 
 
 def random_model(shape: str, tokenizer=None):
@@ -399,10 +419,15 @@ def run_one(args) -> dict:
     )
     if activation_offloading and "smalloffload" not in modifiers:
         offload_large_activations_only(trainer)
+    if "mask32" in modifiers:
+        import qlora_flow.fused_lora
+
+        qlora_flow.fused_lora.keep_mask = keep_mask_int32
     fused = (settings["fused"] or "fused" in modifiers) and "nofused" not in modifiers
     fused_layers = apply_fused_lora(trainer.model) if fused else 0
     compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
-    compiled_layers = compile_decoder_layers(trainer.model) if compile_layers else 0
+    compile_options = {"mode": "reduce-overhead"} if "cudagraphs" in modifiers else {}
+    compiled_layers = compile_decoder_layers(trainer.model, **compile_options) if compile_layers else 0
     torch.cuda.reset_peak_memory_stats()
     if profiler is not None:
         profiler.start()

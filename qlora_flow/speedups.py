@@ -15,17 +15,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no ModuleList of {count} decoder layers found in {type(model).__name__}")
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
+def compile_decoder_layers(model: nn.Module, **options) -> int:
     """torch.compile each decoder layer in place (one graph, reused by every layer); returns how many.
 
     Per layer rather than the whole model: the embedding, loss and trainer code stay eager. Shapes are
     left to automatic dynamic: packed micro-batches change length from step to step, and a static
     compile (dynamic=False) recompiled on every new length (seen on the GPU); this way each layer
-    compiles once for the first length and once more, shape-generic, at the first change.
+    compiles once for the first length and once more, shape-generic, at the first change. `options` go to
+    `torch.compile` (the bench's candidates; the stage passes none).
     """
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(**options)
     return len(layers)
 
 

@@ -130,3 +130,23 @@ def test_a_row_past_the_deadline_is_killed_and_reported(tmp_path, monkeypatch):
     result = train_gpu.measure(args, "W1", "ours", deadline=started + 1)
     assert result == {"shape": "tiny", "workload": "W1", "profile": "ours", "error": "time limit: row killed"}
     assert time.monotonic() - started < 10
+
+
+def test_the_32_bit_mask_candidate_keeps_the_fused_update_s_mask_contract():
+    """`+mask32` rows swap the fused update's 64-bit mask hash for 32-bit arithmetic; its masks must still be
+    Bernoulli(1 - p), independent across seeds and neighbours, and a pure function of the seed."""
+    import torch
+
+    shape = torch.Size([512, 1024])
+    top_seed = torch.tensor([2**31 - 2])  # the largest seed the fused update draws: additions wrap
+    first, second = (
+        train_gpu.keep_mask_int32(torch.tensor([7]), shape, 0.1),
+        train_gpu.keep_mask_int32(top_seed, shape, 0.1),
+    )
+    for mask in (first, second):
+        assert mask.dtype == torch.bool and mask.shape == shape
+        assert abs(mask.float().mean().item() - 0.9) < 0.002
+        assert abs((mask[:, 1:] == mask[:, :-1]).float().mean().item() - 0.82) < 0.003
+    assert abs((first == second).float().mean().item() - 0.82) < 0.003
+    assert torch.equal(first, train_gpu.keep_mask_int32(torch.tensor([7]), shape, 0.1))
+    assert train_gpu.keep_mask_int32(torch.tensor([7]), shape, 0.0).all()

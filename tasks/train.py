@@ -43,7 +43,7 @@ from pydantic import BaseModel
 from qlora_flow.artifacts import TrainingProgressArtifact
 from qlora_flow.code_lineage import code_hashes, find_result, training_modules
 from qlora_flow.config import PipelineConfig
-from qlora_flow.errors import is_retryable
+from qlora_flow.errors import is_retryable, one_line
 from qlora_flow.fingerprint import combine, library_versions
 from qlora_flow.layout import ADAPTER_REF_NAME, adapter_checkpoints_key, adapter_key, trained_adapter_key
 from qlora_flow.lifeline import PARENT_PID_ENV, exit_with_parent
@@ -303,23 +303,22 @@ def _child_main(spec_path: str, result_path: str) -> None:
         ref = run_training(spec.config, open_store(spec.config.execution), spec.data, spec.base)
     except BaseException as exc:
         # the traceback still goes to the log; the parent raises with this line, not just an exit code
-        _child_error_path(Path(result_path), rank).write_text(_one_line(exc))
+        Path(result_path).with_name(CHILD_ERROR_NAME.format(rank=rank)).write_text(_child_error_line(exc))
         raise
     if rank == 0:
         Path(result_path).write_text(ref.model_dump_json())
 
 
-def _child_error_path(result_path: Path, rank: int) -> Path:
-    return result_path.with_name(f"error-rank{rank}.txt")
+CHILD_ERROR_NAME = "error-rank{rank}.txt"  # beside the result file, one per rank that failed
 
 
-def _one_line(exc: BaseException) -> str:
+def _child_error_line(exc: BaseException) -> str:
+    """The CLI's `error:` text for the exception, on one line, with what to change after a CUDA out-of-memory."""
     import torch
 
-    message = " ".join(str(exc).split()) or "(no message)"
-    if len(message) > 400:
-        message = message[:400] + " ..."
-    line = f"{type(exc).__name__}: {message}"
+    line = " ".join(one_line(exc).split())
+    if len(line) > 400:
+        line = line[:400] + " ..."
     if isinstance(exc, torch.OutOfMemoryError):
         line += (
             "; set training.memory_budget_gib to the memory this GPU can give (the planner then picks a smaller"
@@ -330,7 +329,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _child_failure(returncode: int, result_path: Path) -> str:
     """What the parent says when the training child failed: the child's own error line where it left one."""
-    errors = sorted(result_path.parent.glob("error-rank*.txt"))
+    errors = sorted(result_path.parent.glob(CHILD_ERROR_NAME.format(rank="*")))
     if errors:
         return f"training failed: {errors[0].read_text()} (exit code {returncode}; the traceback is in the log above)"
     if returncode < 0:

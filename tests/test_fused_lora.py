@@ -127,20 +127,21 @@ def test_saves_less_for_backward_than_peft():
     assert fused_bytes < 0.6 * peft_bytes, (fused_bytes, peft_bytes)
 
 
-def test_variants_and_eval_keep_peft_forward():
+def test_variants_eval_and_disabled_adapters_keep_peft_forward():
     dora = _peft_model(0.0, use_dora=True)
     assert apply_fused_lora(dora) == 0
-    model, x = _peft_model(0.0), torch.randn(1, 3, 64)
+    # with dropout, a fused forward in eval would drop inputs: eval must stay PEFT's deterministic output
+    model, x = _peft_model(0.5), torch.randn(1, 3, 64)
+    with torch.no_grad():
+        peft_eval = model.eval()(x)
+        with model.disable_adapter():
+            peft_base = model(x)
     apply_fused_lora(model)
     with torch.no_grad():
-        model.eval()
-        evaluated = model(x)
+        torch.testing.assert_close(model(x), peft_eval)
         with model.disable_adapter():
-            base = model(x)
-    assert not torch.allclose(evaluated, base)
-    model.train()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), evaluated)
+            torch.testing.assert_close(model(x), peft_base)
+    assert not torch.allclose(peft_eval, peft_base)  # the adapter is in play
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

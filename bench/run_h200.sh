@@ -17,6 +17,8 @@
 #   bash bench/run_h200.sh w2         # 1 GPU: W2 baseline vs ours
 #   bash bench/run_h200.sh levers     # 1 GPU: W1 at 7 GiB, baseline vs the planner's profile and its candidates
 #                                       (PROFILES=a,b,... replaces the list)
+# side-* phases whose PROFILES name a +torchnf4 row first run bench/check_nf4.py (the torch NF4 path against
+# bitsandbytes' CUDA kernels) into $OUT/nf4-check.jsonl.
 # Wheels the image lacks travel in .whl/ and, for Unsloth, .whl-unsloth/ (bench/fetch_wheels.sh fills both;
 # carry both); results land in $OUT (default bench/out).
 set -u
@@ -40,6 +42,11 @@ train() {  # GPUS WORKLOADS PROFILES FILE: rows are printed and written as they 
     --profiles "$3" --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" --root $ROOT --time-limit-s "$(left)" \
     2> "$OUT/$4.err" | tee "$OUT/$4" | cut -c1-600
 }
+nf4_check() {  # before +torchnf4 rows: the torch NF4 path against bitsandbytes' CUDA kernels (bench/check_nf4.py)
+  case "${PROFILES:-}" in
+    *torchnf4*) timeout 150 python3 bench/check_nf4.py 2> "$OUT/nf4-check.err" | tee "$OUT/nf4-check.jsonl" | cut -c1-300 ;;
+  esac
+}
 case "${1:-}" in
   check)
     PYTHONPATH=$UNSLOTH_SITE:$PYTHONPATH python3 -c "import unsloth, trl, transformers, peft, torch
@@ -48,12 +55,15 @@ print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', tr
     SHAPE=llama3.2-1b STEPS=3 WARMUP=1 train 0 W1,W2 unsloth,seed check.jsonl ;;
   side-w1)
     build > "$OUT/build.jsonl" 2>&1
+    nf4_check
     train 0 W1 "${PROFILES:-unsloth,seed,ours,unsloth40,budget40}" side-w1.jsonl ;;
   side-w1-low)
     build > "$OUT/build.jsonl" 2>&1
+    nf4_check
     train 0 W1 "${PROFILES:-unsloth7,lowmem,unsloth16,budget16,seed}" side-w1-low.jsonl ;;
   side-w2)
     build > "$OUT/build.jsonl" 2>&1
+    nf4_check
     train 0 W2 "${PROFILES:-unsloth,ours,seed,unsloth7,lowmem,unsloth16,budget16,unsloth40,budget40}" side-w2.jsonl ;;
   side-pair)  # 2 GPUs, two one-GPU phases at once: W1 rows on GPU 0 | W2 rows on GPU 1
     build > "$OUT/build.jsonl" 2>&1

@@ -41,9 +41,9 @@ memory; the planner picks it when nothing else fits the budget, as in the `lowme
 `actoffload` (activation offloading alone, without `cpuembed`), `pageable` (the CPU embedding without
 page-locked memory), `smalloffload` (TRL's default offload threshold of 1 KiB instead of ours), `fused` /
 `nofused` (LoRA updates through qlora_flow/fused_lora.py on / off; the planner turns it on with compile).
-Candidates the runs 19-22 profiles point at, measured before they reach the stage: `mask32` (the fused update's
-dropout mask from 32-bit instead of 64-bit integer hashing, `keep_mask_int32` below), `cudagraphs` (compiled
-layers replayed as CUDA graphs, `mode="reduce-overhead"`: the profile's "Command Buffer Full" time).
+Candidate the run 25 profile points at (16 GiB: the GPU idle 19% of the step, bitsandbytes' `gemm_4bit` costing
+~250 us of Python per call), measured before it reaches the stage: `torchnf4` (the frozen NF4 projections
+through qlora_flow/nf4_linear.py, dequantized by torch ops that inductor compiles into the layer's graph).
 
 Workloads: W1 = uniform 1,024-token sequences; W2 = chat-like lengths, log-normal with median 250,
 capped at 2,048. Tokens/s counts real (non-pad) tokens only. MFU counts 4 x params FLOPs per token
@@ -118,25 +118,9 @@ MODIFIERS = {
     "smalloffload",
     "fused",
     "nofused",
-    "mask32",
-    "cudagraphs",
+    "torchnf4",
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def keep_mask_int32(seed, shape, p: float):
-    """qlora_flow.fused_lora.keep_mask's contract (Bernoulli(1 - p), a pure function of the seed) in 32-bit integer
-    arithmetic: products wrap modulo 2**32 and right shifts are masked to act as logical shifts. Not the same
-    masks as the 64-bit hash; for `+mask32` rows only."""
-    import torch
-
-    h = torch.arange(shape.numel(), device=seed.device, dtype=torch.int32).view(shape) + seed.to(torch.int32)
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * 0x7FEB352D
-    h = h ^ ((h >> 15) & 0x1FFFF)
-    h = h * 0x1B873593
-    h = h ^ ((h >> 16) & 0xFFFF)
-    return (h & 0xFFFFFF) >= round(p * (1 << 24))
 
 
 def random_model(shape: str, tokenizer=None):
@@ -419,15 +403,15 @@ def run_one(args) -> dict:
     )
     if activation_offloading and "smalloffload" not in modifiers:
         offload_large_activations_only(trainer)
-    if "mask32" in modifiers:
-        import qlora_flow.fused_lora
+    torch_nf4_layers = 0
+    if "torchnf4" in modifiers:  # before compile, so that the dequantization is part of each layer's graph
+        from qlora_flow.nf4_linear import apply_torch_nf4
 
-        qlora_flow.fused_lora.keep_mask = keep_mask_int32
+        torch_nf4_layers = apply_torch_nf4(trainer.model)
     fused = (settings["fused"] or "fused" in modifiers) and "nofused" not in modifiers
     fused_layers = apply_fused_lora(trainer.model) if fused else 0
     compile_layers = (settings["compile"] or "compile" in modifiers) and "nocompile" not in modifiers
-    compile_options = {"mode": "reduce-overhead"} if "cudagraphs" in modifiers else {}
-    compiled_layers = compile_decoder_layers(trainer.model, **compile_options) if compile_layers else 0
+    compiled_layers = compile_decoder_layers(trainer.model) if compile_layers else 0
     torch.cuda.reset_peak_memory_stats()
     if profiler is not None:
         profiler.start()
@@ -453,6 +437,7 @@ def run_one(args) -> dict:
         "lora_dropout": dropout,
         "compiled_layers": compiled_layers,
         "fused_lora_layers": fused_layers,
+        **({"torch_nf4_layers": torch_nf4_layers} if torch_nf4_layers else {}),
         "packing": settings["packing"],
         "gradient_checkpointing": settings["gradient_checkpointing"],
         "offload": settings["offload"],
@@ -513,13 +498,21 @@ def _profiler(warmup: int):
 
 
 def _write_profile(profiler, args, step_times: list[float]) -> None:
+    from torch.autograd import DeviceType
+
     events = profiler.key_averages()
-    cuda_us = sum(e.self_device_time_total for e in events)
+    # Kernels only: an operator's row repeats the time of the kernels it launched (headers up to run 25 summed
+    # both; their footer's "Self CUDA time total" is the kernel time).
+    cuda_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     out = (
         Path(os.environ.get("OUT", ".")) / f"profile-{args.shape}-{args.workload}-{args.profile.replace('+', '_')}.txt"
     )
     recorded = step_times[args.warmup : args.warmup + 2]
-    header = f"two steps, wall {sum(recorded):.3f} s, GPU busy (sum of kernel self time) {cuda_us / 1e6:.3f} s\n\n"
+    wall = sum(recorded)
+    header = (
+        f"two steps, wall {wall:.3f} s, kernel time {cuda_us / 1e6:.3f} s = {cuda_us / 1e6 / wall:.0%} of the wall "
+        "(below 100%: the GPU waited for the CPU; above: kernels overlapped on several streams)\n\n"
+    )
     out.write_text(header + events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
 
 
@@ -555,7 +548,7 @@ def _child_command(args, workload: str, profile: str) -> list[str]:
 def measure(args, workload: str, profile: str, deadline: float) -> dict:
     """One row in a child process, killed at the deadline. An Unsloth row that runs out of memory is run
     again with half the micro-batch (its best setting is the largest that fits; it has no planner)."""
-    tried, requested = [], profile
+    tried, requested, started = [], profile, time.monotonic()
     while True:
         command = _child_command(args, workload, profile)
         try:
@@ -566,6 +559,8 @@ def measure(args, workload: str, profile: str, deadline: float) -> dict:
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is not None:
             result = {**json.loads(line[len("RESULT ") :]), "profile": requested}
+            # The row's wall time, process start and compilation included: what a 10-minute window must fit.
+            result["row_s"] = round(time.monotonic() - started, 1)
             return {**result, **({"out_of_memory_micro_batches": tried} if tried else {})}
         error = (proc.stderr or proc.stdout)[-1500:]
         micro = re.search(r'^SETTINGS \{"micro_batch": (\d+)\}', proc.stdout, re.MULTILINE)

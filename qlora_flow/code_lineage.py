@@ -110,6 +110,7 @@ GROUPS: dict[str, CodeGroup] = {
             # GPU the same update with dropout masks drawn from its hash instead of torch's generator (GPU runs
             # were never bit-reproducible across versions), so GPU adapters of earlier versions stay in use too
             "8bdf3e3fca933218",
+            "c3a9782e6bb9ca57",  # the fused update's mask hash in 32-bit arithmetic (GPU masks only, as above)
         ),
     ),
     # qlora_flow/stage_cache.py evaluation_fingerprint

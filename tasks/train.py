@@ -333,7 +333,10 @@ def _child_failure(returncode: int, result_path: Path) -> str:
     if errors:
         return f"training failed: {errors[0].read_text()} (exit code {returncode}; the traceback is in the log above)"
     if returncode < 0:
-        name = signal.Signals(-returncode).name
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # real-time signals have numbers, not names
+            name = f"signal {-returncode}"
         hint = (
             " (the kernel's out-of-memory killer sends SIGKILL when host memory runs out)" if name == "SIGKILL" else ""
         )

@@ -102,6 +102,20 @@ def test_dropout_mask_keeps_the_right_share_independently_per_seed():
     assert keep_mask(torch.tensor([7]), shape, 0.0).all()
     # neighbouring elements are not correlated (a weak hash shows runs)
     assert abs((first[:, 1:] == first[:, :-1]).float().mean().item() - 0.82) < 0.003
+    # the largest seed the fused update draws: the 32-bit additions wrap, the mask keeps its statistics
+    top = keep_mask(torch.tensor([2**31 - 2]), shape, 0.1)
+    assert abs(top.float().mean().item() - 0.9) < 0.002
+    assert abs((top[:, 1:] == top[:, :-1]).float().mean().item() - 0.82) < 0.003
+    assert abs((first == top).float().mean().item() - 0.82) < 0.003
+
+
+def test_element_indices_past_int32_wrap_instead_of_failing(monkeypatch):
+    """Past 2**31 - 1 elements (a micro-batch of 64 x 4,096 tokens reaches it on an MLP input) the indices are
+    counted in int64 and wrapped: the same masks as int32 counting below the limit, no overflow error."""
+    shape = torch.Size([64, 96])
+    expected = keep_mask(torch.tensor([11]), shape, 0.3)
+    monkeypatch.setattr(fused_lora, "_INT32_INDEX_LIMIT", 100)
+    assert torch.equal(keep_mask(torch.tensor([11]), shape, 0.3), expected)
 
 
 def _saved_bytes(model, x) -> int:

@@ -236,6 +236,9 @@ def test_a_failing_training_child_raises_with_its_own_error_line(setup, tmp_path
     assert any("Traceback" in line for line in lines)  # the child's traceback still reaches the log
     # no error line left (killed from outside): the signal is named
     assert "killed by SIGKILL" in _child_failure(-9, tmp_path / "result.json")
+    assert (
+        _child_failure(-40, tmp_path / "result.json") == "training process was killed by signal 40"
+    )  # a real-time one
     assert _child_failure(3, tmp_path / "result.json") == "training process exited with code 3; see the log lines above"
 
 

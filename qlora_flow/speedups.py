@@ -15,18 +15,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no ModuleList of {count} decoder layers found in {type(model).__name__}")
 
 
-def compile_decoder_layers(model: nn.Module, **options) -> int:
+def compile_decoder_layers(model: nn.Module) -> int:
     """torch.compile each decoder layer in place (one graph, reused by every layer); returns how many.
 
     Per layer rather than the whole model: the embedding, loss and trainer code stay eager. Shapes are
     left to automatic dynamic: packed micro-batches change length from step to step, and a static
     compile (dynamic=False) recompiled on every new length (seen on the GPU); this way each layer
-    compiles once for the first length and once more, shape-generic, at the first change. `options` go to
-    `torch.compile` (the bench's candidates; the stage passes none).
+    compiles once for the first length and once more, shape-generic, at the first change. CUDA graphs
+    (`mode="reduce-overhead"`) were 5.9x slower on an H200 (run 24: re-recorded as lengths changed).
+
+    Under gradient checkpointing dynamo traces each layer inside the checkpoint operator, which refuses any
+    forward side effect. transformers 5.25 (through `kernels`, a dependency it installs) sets and resets a
+    module-level context variable around every attention forward, and the refusal left each checkpointed
+    layer with no compiled graph at all (tests/test_speedups.py). The pair restores the variable, so not
+    replaying it in the recomputation changes nothing: dynamo's own switch for this case, set process-wide
+    (the training child is one process per run). Older torch, without the switch, predates that code.
     """
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(**options)
+        layer.compile()
     return len(layers)
 
 

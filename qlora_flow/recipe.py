@@ -117,11 +117,17 @@ def step_arguments(
     *, batch: int, accum: int, checkpointing: bool, packing: bool, offload: bool, device: str
 ) -> dict[str, object]:
     """SFTConfig arguments that decide how one optimizer step is computed (shared with bench/train_gpu.py)."""
+    from transformers import TrainingArguments
+
+    # transformers 5.25 renamed gradient_checkpointing* to activation_checkpointing* and warns on the old names,
+    # which earlier 5.x releases still need. TRL's default for the old name is True: always set one explicitly.
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    checkpointing_name = "activation_checkpointing" if renamed else "gradient_checkpointing"
     return {
         "per_device_train_batch_size": batch,
         "gradient_accumulation_steps": accum,
-        "gradient_checkpointing": checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        checkpointing_name: checkpointing,
+        f"{checkpointing_name}_kwargs": {"use_reentrant": False} if checkpointing else None,
         "packing": packing,
         "activation_offloading": offload,
         # "non_padding" counts ids != pad; a padding-free packed batch has no padding, and where the pad token is

@@ -155,3 +155,24 @@ def test_a_tied_embedding_is_the_lm_head_and_stays_on_the_gpu():
         untied, 4096, True, True, offload=True
     )
     assert saved_untied - saved_tied == pytest.approx(table_gib)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_step_arguments_build_the_trainer_s_checkpointing_without_deprecation_warnings(checkpointing, tmp_path):
+    """transformers 5.25 warns on `gradient_checkpointing*` and TRL defaults it to True: the plan's choice must
+    be what the trainer resolves, under whichever name the installed transformers has, with no FutureWarning."""
+    import warnings
+
+    from trl import SFTConfig
+
+    from qlora_flow.recipe import step_arguments
+
+    arguments = step_arguments(batch=2, accum=3, checkpointing=checkpointing, packing=True, offload=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **arguments)
+    assert config.gradient_checkpointing is checkpointing  # the old name mirrors the new one where both exist
+    assert getattr(config, "activation_checkpointing", checkpointing) is checkpointing
+    kwargs = getattr(config, "activation_checkpointing_kwargs", config.gradient_checkpointing_kwargs)
+    assert kwargs == ({"use_reentrant": False} if checkpointing else None)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (2, 3)

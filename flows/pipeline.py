@@ -55,6 +55,21 @@ class PipelineResult(BaseModel):
     published: PublishedModel | None = None
 
 
+class CandidateRejected(Exception):
+    """The data of a Rejected state: the quality gate's reasons as its message, the full result as `result`.
+
+    Prefect resolves a failed state's data into an exception wherever the state's result is asked for (the
+    engine a worker starts does so after every run and logs what it got): a plain result there became
+    `TypeError: Unexpected result for failed state` in the run's log, read as a crash."""
+
+    def __init__(self, result: PipelineResult):
+        super().__init__(result.message)
+        self.result = result
+
+    def __reduce__(self):  # pickled with the state's data; the default would call __init__ with the message
+        return CandidateRejected, (self.result,)
+
+
 def run_namer(kind: str = "") -> Callable[[], str]:
     """Flow-run names that say what runs: `[kind ]model | data | date` (UTC), from the run's resolved config."""
 
@@ -152,8 +167,8 @@ def _stages(config: PipelineConfig, run_id: str, logger) -> PipelineResult | Sta
         result.message = "quality gate failed: " + "; ".join(report.verdict.reasons)
         logger.warning(result.message)
         # Failed-type, so the runs list shows it red and `prefect flow-run ls` FAILED: no model came out of
-        # it and someone has to look. Its name tells it from a crash; its data is the full result.
-        return Failed(name=REJECTED, message=result.message, data=result)
+        # it and someone has to look. Its name tells it from a crash; its data carries the full result.
+        return Failed(name=REJECTED, message=result.message, data=CandidateRejected(result))
 
     result.merged = merge_task(config, run_id, base, adapter, report, data)
     if config.export.gguf:

@@ -76,12 +76,14 @@ def _hide_console_tracebacks() -> None:
 
 def cmd_run(args) -> int:
     cfg = _load(args)
-    from flows.pipeline import REJECTED, qlora_pipeline
+    from flows.pipeline import REJECTED, CandidateRejected, qlora_pipeline
 
     if not args.debug:
         _hide_console_tracebacks()
     state = qlora_pipeline(cfg, return_state=True)
     result = state.result(raise_on_failure=False)
+    if isinstance(result, CandidateRejected):
+        result = result.result
     if (state.is_failed() and state.name != REJECTED) or state.is_crashed():
         if isinstance(result, BaseException):
             raise result  # main() prints it as one line (or the traceback with --debug)

@@ -89,6 +89,7 @@ def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
     from prefect.states import Failed
 
     import flows.pipeline
+    from flows.pipeline import CandidateRejected
     from qlora_flow import cli
 
     result = SimpleNamespace(
@@ -101,7 +102,9 @@ def test_rejected_run_keeps_exit_code_3(monkeypatch, capsys):
         published=None,
     )
     monkeypatch.setattr(
-        flows.pipeline, "qlora_pipeline", lambda cfg, return_state: Failed(name="Rejected", data=result)
+        flows.pipeline,
+        "qlora_pipeline",
+        lambda cfg, return_state: Failed(name="Rejected", data=CandidateRejected(result)),
     )
     assert cli.cmd_run(SimpleNamespace(config=None, set=[], debug=True)) == cli.EXIT_REJECTED
     assert "run r1: rejected" in capsys.readouterr().out

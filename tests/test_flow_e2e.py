@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def _flow_run_log_messages(flow_run_id) -> list[str]:
 
 @pytest.mark.slow
 def test_gate_failure_ends_rejected_without_moving_alias(prefect_server, tiny_config):
-    from flows.pipeline import qlora_pipeline
+    from flows.pipeline import CandidateRejected, qlora_pipeline
     from qlora_flow.store import LocalStore
 
     cfg = tiny_config
@@ -106,8 +107,13 @@ def test_gate_failure_ends_rejected_without_moving_alias(prefect_server, tiny_co
     state = qlora_pipeline(cfg, return_state=True)
     assert state.is_failed() and state.name == "Rejected"  # red in the runs list, FAILED in `prefect flow-run ls`
     assert "exact" in state.message.lower()
-    result = state.result(raise_on_failure=False)
+    rejected = state.result(raise_on_failure=False)  # what a worker's engine logs: the reasons, no TypeError
+    assert isinstance(rejected, CandidateRejected) and str(rejected) == state.message
+    result = rejected.result
     assert result.status == "rejected" and result.merged is None and result.published is None
+    assert pickle.loads(pickle.dumps(rejected)).result == result  # persisted with the state's data
+    with pytest.raises(CandidateRejected, match="quality gate failed"):
+        state.result()  # as the engine a worker starts asks for it after the run
     store = LocalStore(cfg.execution.store)
     assert not store.exists(f"models/{cfg.publish.model_name}/{cfg.publish.alias}.json")
 

@@ -24,6 +24,7 @@ schedule) and an existing pool gets the current base job template.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from uuid import UUID
 
@@ -40,7 +41,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
-from qlora_flow.config import PipelineConfig, load_config
+from qlora_flow.config import PipelineConfig, load_config, override_keys
 from qlora_flow.model_events import ALIAS_LABEL, model_resource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,13 +124,25 @@ def keep_paused_state(deployments: list[RunnerDeployment]) -> list[RunnerDeploym
     return deployments
 
 
-def show_config_as_form_defaults(deployment_ids: list[UUID], cfg: PipelineConfig) -> None:
-    """The Run form's defaults come from the parameter schema, which Prefect builds from the flow's
-    signature (PipelineConfig()'s defaults): make them the config this deployment runs with."""
+def override_key_names() -> dict:
+    """JSON schema of the keys `overrides` accepts (qlora_flow/config.py's `override_keys`)."""
+    keys, mappings = override_keys()
+    mapping_children = "|".join(re.escape(mapping) for mapping in mappings)
+    return {"anyOf": [{"enum": keys}, {"pattern": rf"^(?:{mapping_children})\..+$"}]}
+
+
+def complete_parameter_schema(deployment_ids: list[UUID], cfg: PipelineConfig) -> None:
+    """Prefect builds the parameter schema from the flow's signature. Two things it cannot know:
+    - the Run form's defaults (PipelineConfig()'s there): made the config this deployment runs with;
+    - which dotted keys `overrides` takes (a dict[str, Any] there): named, so that a misspelt key is refused
+      when the run is created (`prefect deployment run` prints `Validation failed for field 'overrides'.
+      Failure reason: 'training.max_stepz' is not valid under any of the given schemas`) instead of failing
+      when the run starts, which with one run at a time can be hours later, behind a training."""
     with get_client(sync_client=True) as client:
         for deployment_id in deployment_ids:
             schema = client.read_deployment(deployment_id).parameter_openapi_schema
             schema["properties"]["config"]["default"] = cfg.model_dump(mode="json")
+            schema["properties"]["overrides"]["propertyNames"] = override_key_names()
             client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=schema))
 
 
@@ -183,7 +196,7 @@ def register(cfg: PipelineConfig, k8s_image: str | None = None) -> dict[str, UUI
             print_next_steps_message=False,
         )
         ids |= {f"{n}-k8s": i for n, i in zip(names, k8s_ids)}
-    show_config_as_form_defaults(list(ids.values()), cfg)
+    complete_parameter_schema(list(ids.values()), cfg)
     scheduled = [i for n, i in ids.items() if n.startswith(SCHEDULED)]
     ensure_pause_on_rejection(cfg, scheduled, [ROOT, IMAGE_WORKDIR] if k8s_image else [ROOT])
     return ids

@@ -603,6 +603,23 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return cfg
 
 
+def override_keys(model: type[BaseModel] | None = None, prefix: str = "") -> tuple[list[str], list[str]]:
+    """The dotted keys `apply_overrides` can set: every section and field; and the mapping fields, below which
+    any key is the mapping's own (`data.column_mapping.prompt`)."""
+    keys: list[str] = []
+    mappings: list[str] = []
+    for name, field in (model or PipelineConfig).model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            section_keys, section_mappings = override_keys(field.annotation, f"{dotted}.")
+            keys += section_keys
+            mappings += section_mappings
+        elif get_origin(field.annotation) is dict:
+            mappings.append(dotted)
+    return keys, mappings
+
+
 def apply_overrides(raw: dict, overrides: dict) -> dict:
     """Set dotted keys (`training.max_steps`) in a raw config mapping, in place; returns it."""
     for dotted, value in overrides.items():

@@ -111,6 +111,8 @@ GROUPS: dict[str, CodeGroup] = {
             # were never bit-reproducible across versions), so GPU adapters of earlier versions stay in use too
             "8bdf3e3fca933218",
             "c3a9782e6bb9ca57",  # the fused update's mask hash in 32-bit arithmetic (GPU masks only, as above)
+            # transformers 5.25's activation_checkpointing* names for the same checkpointing setting, where it has them
+            "fe93f1ed4b950dba",
         ),
     ),
     # qlora_flow/stage_cache.py evaluation_fingerprint

@@ -137,31 +137,25 @@ def test_partial_overrides_from_cli_and_client_apply_on_the_deployment_config(st
     assert runs[bad_run].name.startswith("invalid config | ")
 
 
-def test_a_bad_key_in_config_is_refused_when_the_run_is_created(stack):
-    env, _, _ = stack
+def _run_from_cli(env: dict, parameter: str) -> tuple[int, str]:
+    """`prefect deployment run` of the manual deployment with one `-p`: exit code and output on one line."""
     cli = subprocess.run(
-        [PREFECT, "deployment", "run", MANUAL, "-p", 'config={"training": {"max_step": 10}}'],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        [PREFECT, "deployment", "run", MANUAL, "-p", parameter], env=env, capture_output=True, text=True, check=False
     )
-    assert cli.returncode == 1
-    assert "'config.training'" in cli.stdout and "'max_step' was unexpected" in " ".join(cli.stdout.split())
+    return cli.returncode, " ".join(cli.stdout.split())
+
+
+def test_a_bad_key_in_config_is_refused_when_the_run_is_created(stack):
+    code, output = _run_from_cli(stack[0], 'config={"training": {"max_step": 10}}')
+    assert code == 1
+    assert "'config.training'" in output and "'max_step' was unexpected" in output
 
 
 def test_a_misspelt_override_key_is_refused_when_the_run_is_created(stack):
     """With one run at a time, a run that fails only when it starts may wait hours behind a training first."""
-    env, _, ids = stack
-    cli = subprocess.run(
-        [PREFECT, "deployment", "run", MANUAL, "-p", 'overrides={"training.max_stepz": 10}'],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert cli.returncode == 1
-    assert "'overrides'" in cli.stdout and "'training.max_stepz' is not valid" in " ".join(cli.stdout.split())
+    code, output = _run_from_cli(stack[0], 'overrides={"training.max_stepz": 10}')
+    assert code == 1
+    assert "'overrides'" in output and "'training.max_stepz' is not valid" in output
     for deployment in (SCHEDULED, SWEEP):  # every flow that takes `overrides`
         with pytest.raises(Exception, match="training.max_stepz"):
             run_deployment(deployment, parameters={"overrides": {"training.max_stepz": 10}}, timeout=0)
